@@ -1,0 +1,150 @@
+"""The run's configuration: the schema Hydra validates against, cross-key checks, and derived sizes.
+
+Each section's dataclass lives beside the code it configures; this module only assembles them,
+so Hydra rejects unknown keys and wrong types (struct mode) before any work starts, and
+`validate` rejects combinations no single key can catch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sft.checkpoint import CheckpointConfig
+from sft.data import DataConfig, validate_data_config
+from sft.errors import SFTError
+from sft.evaluate import EvalConfig
+from sft.metrics import SECRET_ENV, LoggingConfig
+from sft.model import ModelConfig, PeftConfig, asset_path, validate_model_config
+from sft.optim import OptimConfig, validate_optim_config
+from sft.packing import PackingConfig
+from sft.parallel import ParallelConfig, validate_parallel_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    output_dir: str = "runs/${run.name}/${sft_run_id:}"
+    seed: int = 0
+    resume: str = "auto"  # auto: continue from checkpoints/LATEST if present | never | PATH to a checkpoint or run dir
+    demo: bool = False  # score generated answers before and after training
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 32  # rows (packed sequences of <= data.max_length tokens) per optimizer step, all ranks
+    micro_batch_size: int = 8  # rows per forward pass on one rank
+    max_steps: int = -1  # optimizer steps; -1 trains `epochs` full passes
+    epochs: int = 1
+    log_every: int = 1
+    loss_chunk_size: int = 1024  # target tokens per output-layer chunk
+    check_isolation: bool = True  # the packed-vs-alone probe at start-up
+    peak_tflops: float = 0.0  # per device, for MFU; 0 leaves MFU out
+
+
+@dataclass
+class SFTConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    parallelism: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _run_id() -> str:
+    """One id per launch, the same on every rank: the scheduler's job id, the launcher's run id, or a timestamp
+    exported to the environment so that child processes started later agree."""
+    for var in ("SFT_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            if var == "SLURM_JOB_ID" and os.environ.get("SLURM_ARRAY_TASK_ID"):
+                value = f"{os.environ.get('SLURM_ARRAY_JOB_ID', value)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            return value
+    os.environ["SFT_RUN_ID"] = time.strftime("%Y%m%d-%H%M%S")
+    return os.environ["SFT_RUN_ID"]
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    for name, fn in (("sft_run_id", _run_id), ("sft_asset", asset_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
+
+
+def to_object(cfg: DictConfig) -> SFTConfig:
+    """Resolve interpolations and convert to dataclasses (types were already checked by Hydra)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as exc:  # omegaconf's errors carry the full key; keep only the message
+        raise SFTError(f"config: {exc}") from None
+
+
+def derive_accumulation(train: TrainConfig, world: int) -> int:
+    per_step = train.micro_batch_size * world
+    if train.global_batch_size % per_step:
+        raise SFTError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={train.micro_batch_size} x {world} processes"
+        )
+    return train.global_batch_size // per_step
+
+
+def validate(cfg: SFTConfig, world: int) -> int:
+    """Cross-key checks; returns gradient accumulation steps. Runs before any data or model work."""
+    validate_optim_config(cfg.optim)
+    validate_parallel_config(cfg.parallelism, world)
+    validate_data_config(cfg.data)
+    validate_model_config(cfg.model, cfg.peft, packing_on=cfg.packing.strategy != "off")
+    if cfg.packing.strategy not in ("bfd", "off"):
+        raise SFTError(f"packing.strategy={cfg.packing.strategy!r}: expected bfd or off")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1 or cfg.train.epochs < 1:
+        raise SFTError("train.max_steps must be positive (or -1 to train train.epochs epochs) and train.epochs >= 1")
+    if cfg.train.micro_batch_size < 1 or cfg.train.global_batch_size < 1:
+        raise SFTError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
+        raise SFTError(f"run.resume={cfg.run.resume}: no such checkpoint or run directory")
+    if cfg.peft.method != "none" and cfg.parallelism.strategy == "zero3" and cfg.peft.method == "qlora":
+        raise SFTError("peft=qlora with parallelism=zero3 is not supported; use fsdp or lora")
+    return derive_accumulation(cfg.train, world)
+
+
+def plain_dict(cfg: SFTConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def redact(obj):
+    """A copy with values that look like credentials replaced, for config.yaml and wandb."""
+    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(s in k.lower() for s in ("token", "api_key", "password", "secret")) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and obj in secrets:
+        return "<redacted>"
+    return obj
+
+
+def config_hash(cfg: SFTConfig) -> str:
+    """Hash of what decides the trained weights (not where they are written or how often they are saved)."""
+    d = plain_dict(cfg)
+    for key in ("run", "checkpoint", "logging"):
+        d.pop(key, None)
+    d["train"].pop("max_steps", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""Held-out loss, and generated answers scored by exact match against the reference answers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sft import distributed as D
+from sft.data import Split
+from sft.loader import collate
+from sft.packing import build_rows, plan_epoch
+from sft.templating import IGNORE_INDEX
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # optimizer steps between evaluations (0: only at the end)
+    micro_batch_size: int = 8
+    generate: int = 4  # prompts whose generated answers are printed and scored at each evaluation
+    prompts_file: Optional[str] = None  # JSONL of {"messages": [...], "answer": "..."}; default: eval split prompts
+    score_prompts: int = 64  # prompts scored by exact match at the start and end of the run
+    max_new_tokens: int = 32
+    early_stopping_patience: int = 0  # stop after this many evaluations without a new best eval loss (0: never)
+
+
+def eval_loss(engine, split: Split, cfg: EvalConfig, max_length: int, strategy: str, pad_id: int, varlen: bool) -> float:
+    """Mean loss per target token over the whole eval split, the same on any number of ranks."""
+    if len(split) == 0:
+        return float("nan")
+    lengths = split.lengths
+    rows = build_rows(lengths, strategy, max_length)
+    world = D.world_size()
+    per_step = cfg.micro_batch_size * world
+    plan = plan_epoch(rows, lengths, seed=0, epoch=0, global_rows=per_step, micro_rows=cfg.micro_batch_size)
+    engine.module.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for s in range(len(plan.steps)):
+            for mb_rows in plan.micro_batches(s, D.rank(), world):
+                mb = collate(mb_rows, split, pad_id, varlen)
+                inputs = {k: (v.to(engine.device) if torch.is_tensor(v) else v) for k, v in mb.model_inputs().items()}
+                total += float(engine.module(labels=mb.labels.to(engine.device), **inputs))
+                count += mb.num_target
+    engine.module.train()
+    total, count = D.all_reduce_sum([total, count])
+    return total / max(count, 1.0)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    answer: str
+
+
+def load_prompts(cfg: EvalConfig, split: Split, tokenizer, limit: int) -> list[Prompt]:
+    """Prompts from prompts_file, or each eval conversation cut before its first trained token."""
+    prompts = []
+    if cfg.prompts_file:
+        for line in Path(cfg.prompts_file).read_text().splitlines()[:limit]:
+            rec = json.loads(line)
+            ids = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            prompts.append(Prompt(list(ids), rec["answer"]))
+        return prompts
+    for i in range(min(limit, len(split))):
+        ids, labels = split.example(i)
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if len(trained) == 0:
+            continue
+        first = int(trained[0])
+        end = first
+        while end < len(labels) and labels[end] != IGNORE_INDEX:
+            end += 1
+        answer = tokenizer.decode(ids[first:end], skip_special_tokens=True)
+        prompts.append(Prompt(ids[:first].tolist(), answer))
+    return prompts
+
+
+def generate_answers(lm, tokenizer, prompts: list[Prompt], max_new_tokens: int, eot_id: int, device) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding, so nothing depends on the batch)."""
+    answers = []
+    was_training = lm.training
+    lm.eval()
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p.ids], device=device)
+            out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=[eot_id, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    lm.train(was_training)
+    return answers
+
+
+def exact_match(prompts: list[Prompt], answers: list[str]) -> float:
+    if not prompts:
+        return float("nan")
+    return sum(a.strip() == p.answer.strip() for p, a in zip(prompts, answers)) / len(prompts)

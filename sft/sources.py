@@ -1,0 +1,192 @@
+"""Read user data files and normalise every record to a list of chat messages.
+
+Every problem is reported as an SFTError naming the file and line (or row), before any
+model or tokenizer work starts, because a bad line found an hour into tokenisation of a
+million conversations wastes the hour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from sft.errors import SFTError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One normalised example. `text` is set only for raw-text records (trained on every token)."""
+
+    messages: tuple[dict, ...]
+    where: str  # "file:line" for error messages and dropped-example reports
+    text: str | None = None
+
+
+def list_data_files(path: str) -> list[Path]:
+    """A file, or every data file under a directory (sorted, so the order never depends on the disk)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SFTError(f"{path}: no such file or directory (data.sources[].path)")
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+    if not files:
+        raise SFTError(f"{path}: directory holds no {'/'.join(DATA_SUFFIXES)} files")
+    return files
+
+
+def _iter_raw(file: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw object) pairs. JSONL is read line by line so errors carry line numbers."""
+    suffix = file.suffix
+    if suffix == ".jsonl":
+        with open(file, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{file}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SFTError(f"{file}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    elif suffix == ".json":
+        try:
+            with open(file, encoding="utf-8") as fh:
+                obj = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise SFTError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise SFTError(f"{file}: a .json data file must hold a list of records (or {{'data': [...]}})")
+        for i, rec in enumerate(obj):
+            yield f"{file}[{i}]", rec
+    elif suffix in (".parquet", ".arrow"):
+        import pyarrow.parquet as pq
+        import pyarrow as pa
+
+        if suffix == ".parquet":
+            table_iter = (b for b in pq.ParquetFile(file).iter_batches(batch_size=4096))
+        else:
+            with pa.memory_map(str(file)) as source:
+                try:
+                    reader = pa.ipc.open_file(source)
+                    table_iter = iter([reader.read_all()])
+                except pa.ArrowInvalid:
+                    table_iter = iter([pa.ipc.open_stream(source).read_all()])
+        row = 0
+        for batch in table_iter:
+            for rec in batch.to_pylist():
+                yield f"{file} row {row}", rec
+                row += 1
+    else:
+        raise SFTError(f"{file}: unsupported data file type {suffix!r} (use {', '.join(DATA_SUFFIXES)})")
+
+
+def detect_format(rec: dict) -> str:
+    if "messages" in rec or "conversations" in rec:
+        return "messages"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "text" in rec:
+        return "text"
+    return ""
+
+
+def _check_messages(msgs: Any, where: str) -> tuple[dict, ...]:
+    if not isinstance(msgs, list) or not msgs:
+        raise SFTError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SFTError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise SFTError(f"{where}: messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise SFTError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise SFTError(f"{where}: messages[{i}] is an empty assistant turn")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise SFTError(f"{where}: conversation has no assistant turn, so nothing would be trained")
+    return tuple(out)
+
+
+def normalise(rec: Any, fmt: str, where: str, system_prompt: str | None = None) -> Record:
+    """Turn one raw record of any supported format into a Record of chat messages."""
+    if not isinstance(rec, dict):
+        raise SFTError(f"{where}: expected a JSON object per record, got {type(rec).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(rec)
+        if not fmt:
+            raise SFTError(
+                f"{where}: cannot tell the format from fields {sorted(rec)}; expected 'messages', "
+                "'prompt'+'completion', 'instruction'+'output' (alpaca) or 'text'"
+            )
+    if fmt == "text":
+        text = rec.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise SFTError(f"{where}: 'text' must be a non-empty string")
+        return Record(messages=(), where=where, text=text)
+    if fmt == "messages":
+        msgs = _check_messages(rec.get("messages", rec.get("conversations")), where)
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if not isinstance(rec.get(key), str):
+                raise SFTError(f"{where}: field {key!r} must be a string (format prompt_completion)")
+        msgs = _check_messages(
+            [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}], where
+        )
+    elif fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(rec.get(key), str):
+                raise SFTError(f"{where}: field {key!r} must be a string (format alpaca)")
+        extra = rec.get("input") or ""
+        prompt = rec["instruction"] + (f"\n\n{extra}" if extra else "")
+        msgs = _check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}], where)
+    else:
+        raise SFTError(f"data format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = ({"role": "system", "content": system_prompt},) + msgs
+    return Record(messages=msgs, where=where)
+
+
+def read_source(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[Record]:
+    """All records of a local file/directory, or of a hub dataset name (for users with a network)."""
+    if fmt not in FORMATS:
+        raise SFTError(f"data format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not os.path.exists(os.path.expanduser(path)) and _looks_like_hub_name(path):
+        return _read_hub(path, fmt, system_prompt)
+    records = []
+    for file in list_data_files(path):
+        if file.stat().st_size == 0:
+            raise SFTError(f"{file}: file is empty")
+        n_before = len(records)
+        for where, raw in _iter_raw(file):
+            records.append(normalise(raw, fmt, where, system_prompt))
+        if len(records) == n_before:
+            raise SFTError(f"{file}: file holds no records")
+    return records
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and Path(path).suffix == ""
+
+
+def _read_hub(name: str, fmt: str, system_prompt: str | None) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # the hub raises many types; the user needs the name and the reason
+        raise SFTError(f"{name}: not a local path, and loading it from the Hugging Face Hub failed: {exc}") from None
+    return [normalise(rec, fmt, f"{name} row {i}", system_prompt) for i, rec in enumerate(ds)]
