@@ -116,6 +116,18 @@ def _evaluate(engine, s: Setup, step: int, tokens: int, logger) -> float:
     return loss
 
 
+def accumulate_gradients(engine, micro: list) -> tuple[float, float, float]:
+    """Backward over this rank's micro-batches of one optimizer step; returns (loss, target tokens, tokens), global.
+
+    The denominator is the global target-token count, summed before any backward pass, so every
+    target token of the step weighs the same however the step is split over micro-batches and ranks.
+    """
+    targets, tokens = D.all_reduce_sum([sum(m.num_target for m in micro), sum(m.num_tokens for m in micro)])
+    scale = 1.0 / max(targets, 1.0)
+    loss_sum = sum(engine.forward_backward(m, scale, i == len(micro) - 1) for i, m in enumerate(micro))
+    return D.all_reduce_sum([loss_sum])[0] * scale, targets, tokens
+
+
 def train(s: Setup) -> dict:
     cfg = s.cfg
     resume_from = resolve_resume(str(s.run_dir), cfg.run.resume)
@@ -156,12 +168,9 @@ def train(s: Setup) -> dict:
             plan = plan_epoch(s.rows, s.data.train.lengths, cfg.run.seed, epoch, cfg.train.global_batch_size, cfg.train.micro_batch_size)
             plan_epoch_no = epoch
         micro = [collate(r, s.data.train, pad_id, varlen) for r in plan.micro_batches(index, s.rank, s.world)]
-        # The denominator is counted before any backward pass: every token of the step weighs the same.
-        targets, tokens = D.all_reduce_sum([sum(m.num_target for m in micro), sum(m.num_tokens for m in micro)])
         lr = engine.lr
-        loss_sum = sum(engine.forward_backward(m, 1.0 / max(targets, 1.0), i == len(micro) - 1) for i, m in enumerate(micro))
+        loss, targets, tokens = accumulate_gradients(engine, micro)
         grad_norm = engine.clip_and_step()
-        loss = D.all_reduce_sum([loss_sum])[0] / max(targets, 1.0)
         state["step"] += 1
         state["tokens"] += int(tokens)
         step = state["step"]
