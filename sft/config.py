@@ -26,6 +26,7 @@ from sft.optim import OptimConfig, validate_optim_config
 from sft.packing import PackingConfig
 from sft.parallel import ParallelConfig, validate_parallel_config
 
+SECRET_KEYS = {"hf_token", "access_token", "api_key", "password", "secret"}
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -132,7 +133,7 @@ def redact(obj):
     """A copy with values that look like credentials replaced, for config.yaml and wandb."""
     secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(s in k.lower() for s in ("token", "api_key", "password", "secret")) else redact(v))
+        return {k: ("<redacted>" if k.lower() in SECRET_KEYS or k.lower().endswith(("_api_key", "_password", "_secret")) else redact(v))
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]

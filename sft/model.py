@@ -128,6 +128,17 @@ def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu")
     return model
 
 
+def build_skeleton(cfg: ModelConfig):
+    """The architecture on the meta device from config values alone: no download, no memory, any machine.
+
+    For counting and the preflight only, so the attention backend is the one every machine has.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation="sdpa", dtype=DTYPES[cfg.dtype])
+
+
 def apply_peft(model, cfg: PeftConfig):
     if cfg.method == "none":
         return model

@@ -5,10 +5,14 @@ computed once for the whole dataset, never per rank or per map batch, so that
 - every rank runs the same number of micro-steps (no rank waits forever at the end of an epoch),
 - the global batch of step s is the same on 1 or N processes (world-size invariance), and
 - resuming at (epoch, step) is instant and exact: recompute the plan, index it.
+
+Everything here runs on every rank at start-up, over up to millions of documents, so the hot
+loops work on numpy arrays or visit each document a constant number of times.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,70 +30,104 @@ EMPTY_ROW: Row = []  # pads a short last step; contributes no target tokens
 
 
 class _OpenBins:
-    """Open bins indexed by remaining capacity, with "smallest capacity >= n" in O(log C).
+    """Open bins by remaining capacity, answering "smallest capacity >= n" in O(log C).
 
-    A segment tree over capacities 0..C counts how many open bins have each capacity; best fit is
-    the leftmost non-empty slot at or above the document length.
+    A flat segment tree (Python list: cheaper to index than numpy scalars) marks which
+    capacities have at least one open bin; updates stop as soon as an ancestor's mark does not
+    change, so most cost O(1). Bins with equal capacity sit in a LIFO stack, which fixes the
+    choice among them and keeps the plan reproducible.
     """
 
     def __init__(self, capacity: int):
-        self.size = 1
-        while self.size < capacity + 1:
-            self.size *= 2
-        self.count = np.zeros(2 * self.size, dtype=np.int64)
+        size = 1
+        while size < capacity + 1:
+            size *= 2
+        self.size = size
+        self.mark = [False] * (2 * size)
         self.by_cap: dict[int, list[int]] = {}
 
-    def _add(self, cap: int, delta: int) -> None:
-        i = cap + self.size
-        while i:
-            self.count[i] += delta
-            i //= 2
-
     def push(self, cap: int, bin_id: int) -> None:
-        self.by_cap.setdefault(cap, []).append(bin_id)
-        self._add(cap, 1)
+        stack = self.by_cap.get(cap)
+        if stack:
+            stack.append(bin_id)
+            return
+        self.by_cap[cap] = [bin_id]
+        mark, i = self.mark, cap + self.size
+        while i and not mark[i]:
+            mark[i] = True
+            i >>= 1
 
-    def pop_best_fit(self, need: int) -> tuple[int, int] | None:
-        cap = self._first_at_least(need)
-        if cap is None:
-            return None
-        bin_id = self.by_cap[cap].pop()
-        self._add(cap, -1)
-        return cap, bin_id
+    def pop(self, cap: int) -> int:
+        stack = self.by_cap[cap]
+        bin_id = stack.pop()
+        if not stack:
+            mark, i = self.mark, cap + self.size
+            mark[i] = False
+            i >>= 1
+            while i and not (mark[2 * i] or mark[2 * i + 1]):
+                mark[i] = False
+                i >>= 1
+        return bin_id
 
-    def _first_at_least(self, need: int) -> int | None:
-        # Walk down from the root, preferring the left child whenever it overlaps [need, C] and is non-empty.
-        def search(node: int, lo: int, hi: int) -> int | None:
-            if hi < need or self.count[node] == 0:
-                return None
-            if lo == hi:
-                return lo
-            mid = (lo + hi) // 2
-            left = search(2 * node, lo, mid)
-            return left if left is not None else search(2 * node + 1, mid + 1, hi)
-
-        return search(1, 0, self.size - 1)
+    def best_fit(self, need: int) -> int | None:
+        """Smallest capacity >= need held by an open bin, or None."""
+        mark, i = self.mark, need + self.size
+        if mark[i]:
+            return need
+        # Climb until a right sibling is marked, then descend to its leftmost marked leaf.
+        while i > 1:
+            if not i & 1 and mark[i + 1]:
+                i += 1
+                while i < self.size:
+                    i = 2 * i if mark[2 * i] else 2 * i + 1
+                return i - self.size
+            i >>= 1
+        return None
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[Row]:
-    """Pack documents into as few rows of <= capacity tokens as best-fit-decreasing finds."""
+    """Pack documents into as few rows of <= capacity tokens as best-fit-decreasing finds.
+
+    Documents of equal length are placed in runs: once a bin is the best fit for a document of
+    length n, it stays the best fit for the next ones of that length until its room drops below
+    n (any other bin with room in [n, room) would have been a better fit already), and a fresh
+    bin likewise takes floor(capacity / n) of them. So each (bin, length) pair costs one tree
+    search instead of one per document -- same plan as placing them one at a time.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and int(lengths.max()) > capacity:
         raise SFTError(f"a document of {int(lengths.max())} tokens exceeds the row capacity {capacity}")
+    if len(lengths) and int(lengths.min()) <= 0:
+        raise SFTError("a document with no tokens cannot be packed")
     order = np.argsort(-lengths, kind="stable")  # stable: ties keep dataset order, so the plan is reproducible
-    bins: list[Row] = []
+    sorted_len = lengths[order]
+    # Runs of equal length: (start, stop, length) in placement order.
+    cuts = np.flatnonzero(np.diff(sorted_len)) + 1
+    starts = np.concatenate([[0], cuts]).tolist()
+    stops = np.concatenate([cuts, [len(order)]]).tolist()
+    run_len = sorted_len[starts].tolist() if len(order) else []
+    bin_of = np.empty(len(order), dtype=np.int64)  # bin of the document at each sorted position
     open_bins = _OpenBins(capacity)
-    for doc in order.tolist():
-        n = int(lengths[doc])
-        found = open_bins.pop_best_fit(n)
-        if found is None:
-            cap, bin_id = capacity, len(bins)
-            bins.append([])
-        else:
-            cap, bin_id = found
-        bins[bin_id].append(doc)
-        if cap - n > 0:
-            open_bins.push(cap - n, bin_id)
-    return bins
+    n_bins = 0
+    for pos, stop, n in zip(starts, stops, run_len):
+        while pos < stop:
+            cap = open_bins.best_fit(n)
+            if cap is None:
+                cap, bin_id = capacity, n_bins
+                n_bins += 1
+            else:
+                bin_id = open_bins.pop(cap)
+            take = min(cap // n, stop - pos)
+            bin_of[pos : pos + take] = bin_id
+            pos += take
+            cap -= take * n
+            if cap > 0:
+                open_bins.push(cap, bin_id)
+    # Group by bin, keeping placement order inside each bin (stable sort).
+    by_bin = np.argsort(bin_of, kind="stable")
+    docs = order[by_bin].tolist()
+    bounds = (np.flatnonzero(np.diff(bin_of[by_bin])) + 1).tolist()
+    return [docs[a:b] for a, b in zip([0] + bounds, bounds + [len(docs)])] if docs else []
 
 
 def build_rows(lengths: np.ndarray, strategy: str, max_length: int) -> list[Row]:
@@ -100,9 +138,31 @@ def build_rows(lengths: np.ndarray, strategy: str, max_length: int) -> list[Row]
     raise SFTError(f"packing.strategy={strategy!r}: expected bfd or off")
 
 
+def _row_sums(rows: list[Row], values: np.ndarray) -> np.ndarray:
+    """sum(values[d] for d in row) for every row, in one vectorised pass."""
+    sizes = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if not sizes.sum():
+        return np.zeros(len(rows), dtype=values.dtype)
+    flat = np.fromiter((d for r in rows for d in r), dtype=np.int64, count=int(sizes.sum()))
+    row_of = np.repeat(np.arange(len(rows)), sizes)
+    return np.bincount(row_of, weights=values[flat], minlength=len(rows)).astype(values.dtype)
+
+
 def packing_efficiency(rows: list[Row], lengths: np.ndarray, max_length: int) -> float:
-    used = sum(int(lengths[r].sum()) for r in rows if r)
+    """Real tokens / token slots of the non-empty rows."""
+    rows = [r for r in rows if r]
+    used = int(_row_sums(rows, np.asarray(lengths, dtype=np.int64)).sum()) if rows else 0
     return used / max(1, len(rows) * max_length)
+
+
+def row_costs(rows: list[Row], lengths: np.ndarray) -> np.ndarray:
+    """Cost used for balancing: attention (sum of squared document lengths) plus the linear part (tokens)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return _row_sums(rows, lengths * lengths + lengths)
+
+
+def attention_cost(row: Row, lengths: np.ndarray) -> int:
+    return int(sum(int(lengths[d]) ** 2 for d in row))
 
 
 @dataclass(frozen=True)
@@ -117,48 +177,85 @@ class EpochPlan:
 
     def micro_batches(self, step: int, rank: int, world: int) -> list[list[Row]]:
         slots = self.steps[step]
+        if len(slots) % world:
+            raise SFTError(f"{len(slots)} micro-batches per step cannot be shared evenly by {world} processes")
         return [slots[k] for k in range(rank, len(slots), world)]
 
 
-def plan_epoch(rows: list[Row], lengths: np.ndarray, seed: int, epoch: int, global_rows: int, micro_rows: int) -> EpochPlan:
-    """Shuffle rows with (seed, epoch), cut them into global steps, and balance each step's slots by attention cost."""
+def plan_epoch(rows: list[Row], lengths: np.ndarray, seed: int, epoch: int, global_rows: int, micro_rows: int,
+               balance: bool = True) -> EpochPlan:
+    """Shuffle rows with (seed, epoch), cut them into global steps, and balance each step's slots by cost.
+
+    `balance=False` keeps the shuffled order (only for measuring what balancing buys).
+    """
     if global_rows % micro_rows:
         raise SFTError(f"train.global_batch_size={global_rows} is not a multiple of train.micro_batch_size={micro_rows}")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(rows)).tolist()
-    shuffled = [rows[i] for i in order]
+    order = rng.permutation(len(rows))
+    costs = row_costs(rows, lengths)[order].tolist() if len(rows) else []
+    shuffled = [rows[i] for i in order.tolist()]
     n_slots = global_rows // micro_rows
     steps = []
     for start in range(0, len(shuffled), global_rows):
         chunk = shuffled[start : start + global_rows]
-        chunk += [EMPTY_ROW] * (global_rows - len(chunk))  # last step: same shape everywhere, no target tokens
-        steps.append(_balance(chunk, lengths, n_slots, micro_rows))
+        cost = costs[start : start + global_rows]
+        pad = global_rows - len(chunk)
+        chunk += [EMPTY_ROW] * pad  # last step: same shape everywhere, no target tokens
+        cost += [0] * pad
+        if balance:
+            steps.append(_balance(chunk, cost, n_slots, micro_rows))
+        else:
+            steps.append([chunk[k * micro_rows : (k + 1) * micro_rows] for k in range(n_slots)])
     return EpochPlan(steps=steps)
 
 
-def attention_cost(row: Row, lengths: np.ndarray) -> int:
-    return int(sum(int(lengths[d]) ** 2 for d in row))
+def _balance(rows: list[Row], costs: list[int], n_slots: int, per_slot: int) -> list[list[Row]]:
+    """Longest-processing-time assignment of rows to slots: costliest row first, to the least loaded open slot.
 
-
-def _balance(rows: list[Row], lengths: np.ndarray, n_slots: int, per_slot: int) -> list[list[Row]]:
-    """Longest-processing-time assignment of rows to slots by attention cost (sum of squared document lengths)."""
-    costs = [attention_cost(r, lengths) + sum(int(lengths[d]) for d in r) for r in rows]
+    Ties go to the lower slot and the lower row index, so the result is a pure function of the input.
+    A heap of open slots makes a step O(rows * log slots).
+    """
     order = sorted(range(len(rows)), key=lambda i: (-costs[i], i))
     slots: list[list[Row]] = [[] for _ in range(n_slots)]
-    load = [0] * n_slots
+    heap = [(0, k) for k in range(n_slots)]
     for i in order:
-        k = min((k for k in range(n_slots) if len(slots[k]) < per_slot), key=lambda k: (load[k], k))
+        load, k = heapq.heappop(heap)
         slots[k].append(rows[i])
-        load[k] += costs[i]
+        if len(slots[k]) < per_slot:
+            heapq.heappush(heap, (load + costs[i], k))
     return slots
+
+
+def _slot_costs(plan: EpochPlan, lengths: np.ndarray) -> np.ndarray:
+    """Attention cost of every slot: array [steps, slots]."""
+    if not plan.steps:
+        return np.zeros((0, 0))
+    n_slots = len(plan.steps[0])
+    flat_rows = [row for slots in plan.steps for mb in slots for row in mb]
+    per_slot = [len(mb) for slots in plan.steps for mb in slots]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    row_cost = _row_sums(flat_rows, lengths * lengths).astype(np.float64)
+    slot_of_row = np.repeat(np.arange(len(per_slot)), per_slot)
+    return np.bincount(slot_of_row, weights=row_cost, minlength=len(per_slot)).reshape(-1, n_slots)
 
 
 def rank_imbalance(plan: EpochPlan, lengths: np.ndarray, world: int) -> float:
     """Mean over steps of (max rank attention cost / mean rank cost) - 1: 0 means perfectly balanced."""
-    ratios = []
-    for s in range(len(plan.steps)):
-        per_rank = [sum(attention_cost(r, lengths) for mb in plan.micro_batches(s, k, world) for r in mb) for k in range(world)]
-        mean = sum(per_rank) / world
-        if mean:
-            ratios.append(max(per_rank) / mean - 1)
-    return float(np.mean(ratios)) if ratios else 0.0
+    slots = _slot_costs(plan, lengths)
+    if not slots.size:
+        return 0.0
+    per_rank = slots.reshape(len(slots), -1, world).sum(axis=1)  # slot k -> rank k % world
+    mean = per_rank.mean(axis=1)
+    ok = mean > 0
+    return float(np.mean(per_rank[ok].max(axis=1) / mean[ok] - 1)) if ok.any() else 0.0
+
+
+def microstep_imbalance(plan: EpochPlan, lengths: np.ndarray, world: int) -> float:
+    """Time lost to waiting when ranks synchronise at every micro-step (FSDP gathers per layer):
+    sum over micro-steps of the slowest rank's cost / sum of the mean rank cost, minus 1."""
+    slots = _slot_costs(plan, lengths)
+    if not slots.size:
+        return 0.0
+    per_micro = slots.reshape(len(slots), -1, world)  # [step, micro-step, rank]
+    total = per_micro.mean(axis=2).sum()
+    return float(per_micro.max(axis=2).sum() / total - 1) if total else 0.0

@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("single", "ddp", "fsdp", "zero3")
 
 
-def _dcp_options():
+def _dcp_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 @dataclass
@@ -124,8 +124,10 @@ class Engine:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=_dcp_options())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory))
+        # Not strict: frozen (base) weights are absent by design. Every trainable tensor was requested
+        # from the checkpoint above, and dcp.load fails if any of them is missing there.
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_dcp_options())
+                       options=_dcp_options(strict=False))
 
 
 class FSDPEngine(Engine):

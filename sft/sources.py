@@ -11,11 +11,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sft.errors import SFTError
 
 ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
@@ -42,24 +43,35 @@ def list_data_files(path: str) -> list[Path]:
     return files
 
 
-def _iter_raw(file: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw object) pairs. JSONL is read line by line so errors carry line numbers."""
+def _iter_raw(file: Path, progress: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw object) pairs, one record at a time (never the whole file in memory, except
+    for .json, whose single top-level list has to be parsed at once). JSONL is read line by line so
+    errors carry line numbers; `progress` is told how many bytes were consumed."""
     suffix = file.suffix
     if suffix == ".jsonl":
-        with open(file, encoding="utf-8") as fh:
+        with open(file, "rb") as fh:
             for lineno, line in enumerate(fh, 1):
+                if progress:
+                    progress(len(line))
                 if not line.strip():
                     continue
                 try:
                     yield f"{file}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise SFTError(f"{file}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    elif suffix == ".json":
+                except UnicodeDecodeError:
+                    raise SFTError(f"{file}:{lineno}: not valid UTF-8 text") from None
+        return
+    if progress:
+        progress(file.stat().st_size)
+    if suffix == ".json":
         try:
             with open(file, encoding="utf-8") as fh:
                 obj = json.load(fh)
         except json.JSONDecodeError as exc:
             raise SFTError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        except UnicodeDecodeError:
+            raise SFTError(f"{file}: not valid UTF-8 text") from None
         if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
             obj = obj["data"]
         if not isinstance(obj, list):
@@ -67,25 +79,34 @@ def _iter_raw(file: Path) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(obj):
             yield f"{file}[{i}]", rec
     elif suffix in (".parquet", ".arrow"):
-        import pyarrow.parquet as pq
-        import pyarrow as pa
-
-        if suffix == ".parquet":
-            table_iter = (b for b in pq.ParquetFile(file).iter_batches(batch_size=4096))
-        else:
-            with pa.memory_map(str(file)) as source:
-                try:
-                    reader = pa.ipc.open_file(source)
-                    table_iter = iter([reader.read_all()])
-                except pa.ArrowInvalid:
-                    table_iter = iter([pa.ipc.open_stream(source).read_all()])
         row = 0
-        for batch in table_iter:
+        for batch in _arrow_batches(file):
             for rec in batch.to_pylist():
                 yield f"{file} row {row}", rec
                 row += 1
     else:
         raise SFTError(f"{file}: unsupported data file type {suffix!r} (use {', '.join(DATA_SUFFIXES)})")
+
+
+def _arrow_batches(file: Path) -> Iterator[Any]:
+    """Record batches of a Parquet or Arrow (IPC file or stream) file, one at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if file.suffix == ".parquet":
+            yield from pq.ParquetFile(file).iter_batches(batch_size=1024)
+            return
+        with pa.memory_map(str(file)) as source:
+            try:
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                yield from pa.ipc.open_stream(source)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SFTError(f"{file}: cannot be read as {file.suffix[1:]}: {exc}") from None
 
 
 def detect_format(rec: dict) -> str:
@@ -105,8 +126,14 @@ def _check_messages(msgs: Any, where: str) -> tuple[dict, ...]:
         raise SFTError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:
+            # ShareGPT dumps spell turns {"from": "human"|"gpt", "value": ...}.
+            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise SFTError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            raise SFTError(
+                f"{where}: messages[{i}] must be an object with 'role' and 'content' (or ShareGPT 'from' and 'value'), "
+                f"got {sorted(m) if isinstance(m, dict) else type(m).__name__}"
+            )
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise SFTError(f"{where}: messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -159,22 +186,35 @@ def normalise(rec: Any, fmt: str, where: str, system_prompt: str | None = None) 
     return Record(messages=msgs, where=where)
 
 
-def read_source(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[Record]:
-    """All records of a local file/directory, or of a hub dataset name (for users with a network)."""
+def iter_source(path: str, fmt: str = "auto", system_prompt: str | None = None,
+                progress: Callable[[int], None] | None = None) -> Iterator[Record]:
+    """Every record of a local file/directory, or of a hub dataset name, validated, one at a time."""
     if fmt not in FORMATS:
         raise SFTError(f"data format {fmt!r} is not one of {', '.join(FORMATS)}")
     if not os.path.exists(os.path.expanduser(path)) and _looks_like_hub_name(path):
-        return _read_hub(path, fmt, system_prompt)
-    records = []
+        yield from _iter_hub(path, fmt, system_prompt)
+        return
     for file in list_data_files(path):
         if file.stat().st_size == 0:
             raise SFTError(f"{file}: file is empty")
-        n_before = len(records)
-        for where, raw in _iter_raw(file):
-            records.append(normalise(raw, fmt, where, system_prompt))
-        if len(records) == n_before:
+        n = 0
+        for where, raw in _iter_raw(file, progress):
+            yield normalise(raw, fmt, where, system_prompt)
+            n += 1
+        if n == 0:
             raise SFTError(f"{file}: file holds no records")
-    return records
+
+
+def read_source(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[Record]:
+    """All records of a source as a list (small data and tests; the pipeline streams with iter_source)."""
+    return list(iter_source(path, fmt, system_prompt))
+
+
+def source_size(path: str) -> int:
+    """Bytes of a local source (0 for a hub name), for progress bars."""
+    if not os.path.exists(os.path.expanduser(path)):
+        return 0
+    return sum(f.stat().st_size for f in list_data_files(path))
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -182,11 +222,12 @@ def _looks_like_hub_name(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and Path(path).suffix == ""
 
 
-def _read_hub(name: str, fmt: str, system_prompt: str | None) -> list[Record]:
+def _iter_hub(name: str, fmt: str, system_prompt: str | None) -> Iterator[Record]:
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as exc:  # the hub raises many types; the user needs the name and the reason
         raise SFTError(f"{name}: not a local path, and loading it from the Hugging Face Hub failed: {exc}") from None
-    return [normalise(rec, fmt, f"{name} row {i}", system_prompt) for i, rec in enumerate(ds)]
+    for i, rec in enumerate(ds):
+        yield normalise(rec, fmt, f"{name} row {i}", system_prompt)

@@ -13,6 +13,8 @@ Two ways to find the assistant spans, because templates differ:
 
 from __future__ import annotations
 
+import numpy as np
+
 from sft.errors import SFTError
 from sft.sources import Record
 
@@ -61,9 +63,16 @@ def _assistant_char_spans(tokenizer, messages, template, where) -> tuple[str, li
 
 def tokenize_conversation(record: Record, tokenizer, eot_id: int, template: str | None) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where not trained) for one record."""
+    ids, target = encode_conversation(record, tokenizer, eot_id, template)
+    labels = np.where(target, ids, IGNORE_INDEX)
+    return ids.tolist(), labels.tolist()
+
+
+def encode_conversation(record: Record, tokenizer, eot_id: int, template: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32) and the trained-token mask (bool) for one record: the form the data cache stores."""
     if record.text is not None:
         ids = tokenizer(record.text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        return ids, list(ids)
+        return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
     template = template or tokenizer.chat_template
     if not template:
         raise SFTError("the tokenizer has no chat template; set model.chat_template to a .jinja file")
@@ -72,44 +81,62 @@ def tokenize_conversation(record: Record, tokenizer, eot_id: int, template: str 
             list(record.messages), chat_template=template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True,
         )
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        ids = np.asarray(out["input_ids"], dtype=np.int32)
+        mask = np.asarray(out["assistant_masks"], dtype=bool)
     else:
         text, spans = _assistant_char_spans(tokenizer, record.messages, template, record.where)
+        ids, mask = _encode_with_spans(tokenizer, text, spans)
+    return ids, _close_turns_at_eot(ids, mask, eot_id, tokenizer, record.where)
+
+
+def _encode_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise `text` and mark the tokens that start inside any of the character spans.
+
+    The Rust encoding is asked only where each span begins and ends (char_to_token): building the
+    full offset list costs as much as the tokenisation itself.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a pure-Python tokenizer: offsets are the only way
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        mask = [0] * len(ids)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        starts = np.asarray([o[0] for o in enc["offset_mapping"]], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=bool)
         for lo, hi in spans:
-            for j, (start, _end) in enumerate(enc["offset_mapping"]):
-                if lo <= start < hi:
-                    mask[j] = 1
-    labels = _close_turns_at_eot(ids, mask, eot_id, tokenizer, record.where)
-    return ids, labels
+            mask |= (starts >= lo) & (starts < hi)
+        return ids, mask
+    enc = backend.encode(text, add_special_tokens=False)
+    ids = np.asarray(enc.ids, dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        mask[_first_token_from(enc, lo, len(text), len(ids)) : _first_token_from(enc, hi, len(text), len(ids))] = True
+    return ids, mask
 
 
-def _close_turns_at_eot(ids, mask, eot_id, tokenizer, where) -> list[int]:
+def _first_token_from(enc, pos: int, n_chars: int, n_tokens: int) -> int:
+    """Index of the first token whose first character is at or after `pos` (n_tokens if none)."""
+    while pos < n_chars:
+        t = enc.char_to_token(pos)
+        if t is not None:
+            return t if enc.token_to_chars(t)[0] >= pos else t + 1
+        pos += 1  # a character no token covers (dropped by normalisation): look further on
+    return n_tokens
+
+
+def _close_turns_at_eot(ids: np.ndarray, mask: np.ndarray, eot_id: int, tokenizer, where: str) -> np.ndarray:
     """Keep each trained run up to and including its end-of-turn token; drop the template's trailing separators."""
-    labels = [IGNORE_INDEX] * len(ids)
-    j = 0
-    while j < len(ids):
-        if not mask[j]:
-            j += 1
-            continue
-        k = j
-        while k < len(ids) and mask[k]:
-            k += 1
-        run = range(j, k)
-        eots = [t for t in run if ids[t] == eot_id]
-        if not eots:
-            # Some marker templates leave the end-of-turn token just outside the marked span.
-            if k < len(ids) and ids[k] == eot_id:
-                eots = [k]
-            else:
-                name = tokenizer.convert_ids_to_tokens(eot_id)
-                raise SFTError(
-                    f"{where}: an assistant turn does not end with the end-of-turn token {name!r}, so the model "
-                    "would never learn to stop; set model.eot_token or fix the chat template"
-                )
-        for t in range(j, eots[-1] + 1):
-            labels[t] = ids[t]
-        j = k
-    return labels
+    target = np.zeros(len(ids), dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    for j, k in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # each trained run is [j, k)
+        eots = np.flatnonzero(ids[j:k] == eot_id)
+        if len(eots):
+            last = j + int(eots[-1])
+        elif k < len(ids) and ids[k] == eot_id:
+            last = k  # some marker templates leave the end-of-turn token just outside the marked span
+        else:
+            name = tokenizer.convert_ids_to_tokens(eot_id)
+            raise SFTError(
+                f"{where}: an assistant turn does not end with the end-of-turn token {name!r}, so the model "
+                "would never learn to stop; set model.eot_token or fix the chat template"
+            )
+        target[j : last + 1] = True
+    return target

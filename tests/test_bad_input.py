@@ -1,0 +1,70 @@
+"""Bad input: one clear message naming the file/line/key, a non-zero exit, and no damage to an existing run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import FAST_RUN, run_cli
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CASES = {
+    "malformed_json_line": (lambda d: [f"data.path={_jsonl(d / 'bad.jsonl', [json.dumps(GOOD), '{not json'])}"],
+                            r"bad\.jsonl:2: malformed JSON"),
+    "unknown_role": (lambda d: [f"data.path={_jsonl(d / 'r.jsonl', [json.dumps({'messages': [{'role': 'robot', 'content': 'x'}, {'role': 'assistant', 'content': 'y'}]})])}"],
+                     r"r\.jsonl:1: messages\[0\] has unknown role 'robot'"),
+    "empty_assistant_turn": (lambda d: [f"data.path={_jsonl(d / 'e.jsonl', [json.dumps(GOOD), json.dumps({'messages': [{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': '  '}]})])}"],
+                             r"e\.jsonl:2: messages\[1\] is an empty assistant turn"),
+    "missing_assistant_turn": (lambda d: [f"data.path={_jsonl(d / 'm.jsonl', [json.dumps({'messages': [{'role': 'user', 'content': 'x'}]})])}"],
+                               r"m\.jsonl:1: conversation has no assistant turn"),
+    "wrong_field_names": (lambda d: [f"data.path={_jsonl(d / 'f.jsonl', [json.dumps({'question': 'a', 'answer': 'b'})])}"],
+                          r"f\.jsonl:1: cannot tell the format from fields \['answer', 'question'\]"),
+    "empty_file": (lambda d: [f"data.path={_jsonl(d / 'empty.jsonl', [])}"], r"empty\.jsonl: file is empty"),
+    "missing_file": (lambda d: [f"data.path={d / 'nope.jsonl'}"], r"nope\.jsonl: no such file or directory"),
+    "unknown_config_key": (lambda d: ["optim.lrr=0.1"], r"optim\.lrr"),
+    "wrong_type": (lambda d: ["optim.lr=fast"], r"optim\.lr"),
+    "unknown_group_choice": (lambda d: ["model=llama9"], r"model.*llama9"),
+    "max_length_too_small": (lambda d: ["data=demo", "data.max_length=9"], r"no training example survives.*data\.max_length=9"),
+    "batch_not_divisible": (lambda d: ["data=demo", "train.global_batch_size=10", "train.micro_batch_size=4"],
+                            r"train\.global_batch_size=10 is not divisible by train\.micro_batch_size=4"),
+    "conflicting_offload": (lambda d: ["data=demo", "parallelism.cpu_offload=true"], r"parallelism\.cpu_offload needs parallelism=fsdp or zero3"),
+    "qlora_without_gpu": (lambda d: ["data=demo", "peft=qlora"], r"peft=qlora needs"),
+}
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    """A run directory with a checkpoint in it, which no failing command may touch."""
+    run = tmp_path_factory.mktemp("existing")
+    (run / "checkpoints" / "step-000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-000010" / "train_state.json").write_text('{"step": 10}')
+    (run / "checkpoints" / "LATEST").write_text("step-000010\n")
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    return run
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_clear_message(case, tmp_path, existing_run):
+    make_args, pattern = CASES[case]
+    before = _snapshot(existing_run)
+    # data=jsonl: a user's own file, format detected.
+    res = run_cli([*FAST_RUN, "data=jsonl", "data.max_length=256", *make_args(tmp_path), f"run.output_dir={existing_run}"], timeout=300)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    import re
+
+    assert re.search(pattern, res.stderr), res.stderr[-2000:]
+    assert _snapshot(existing_run) == before
