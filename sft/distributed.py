@@ -18,9 +18,22 @@ def env_world() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30, always: bool = False) -> tuple[int, int, int]:
+    """Join the process group the launcher prepared. `always`: also form a group of one (FSDP2 and
+    DeepSpeed need a group even alone, e.g. to resume a sharded run on a single process)."""
     rank, local_rank, world = env_world()
-    if world > 1 and not dist.is_initialized():
+    if world == 1 and always and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if (world > 1 or always) and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))

@@ -46,8 +46,11 @@ class ChunkedLossLM(nn.Module):
         out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
         return out.last_hidden_state
 
-    def forward(self, input_ids, position_ids, labels, **attn_kwargs) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, labels=None, **attn_kwargs) -> torch.Tensor:
+        """Summed token loss; without labels, the full logits (small inputs only: the probe and tests)."""
         hidden = self.hidden_states(input_ids, position_ids, **attn_kwargs)
+        if labels is None:
+            return self.lm.get_output_embeddings()(hidden).float()
         target_mask = labels != IGNORE_INDEX
         h = hidden[target_mask]
         y = labels[target_mask]
@@ -62,7 +65,8 @@ class ChunkedLossLM(nn.Module):
         return total
 
     def logits(self, input_ids, position_ids, **attn_kwargs) -> torch.Tensor:
-        return self.lm.get_output_embeddings()(self.hidden_states(input_ids, position_ids, **attn_kwargs)).float()
+        # Through forward, so that a sharded root gathers its parameters.
+        return self(input_ids, position_ids, **attn_kwargs)
 
 
 def check_document_isolation(module: ChunkedLossLM, vocab_size: int, device, atol: float = 1e-4) -> float:

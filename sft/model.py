@@ -98,7 +98,10 @@ def build_tokenizer(cfg: ModelConfig):
 def build_hf_config(cfg: ModelConfig, tokenizer=None):
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.for_model(cfg.model_type, **dict(cfg.arch))
+    if cfg.path is not None and not cfg.arch:
+        hf_config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    else:
+        hf_config = AutoConfig.for_model(cfg.model_type, **dict(cfg.arch))
     if tokenizer is not None:
         if len(tokenizer) > hf_config.vocab_size:
             raise SFTError(f"model.arch.vocab_size={hf_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
@@ -118,7 +121,8 @@ def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu")
             cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
         )
     else:
-        hf_config = build_hf_config(cfg, tokenizer)
+        # On "meta" this is the skeleton that a sharded engine fills from rank 0's copy.
+        hf_config = build_hf_config(cfg, tokenizer if cfg.path is None else None)
         torch.manual_seed(cfg.init_seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation, dtype=dtype)
@@ -146,6 +150,24 @@ def apply_peft(model, cfg: PeftConfig):
 
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def reinit_nonpersistent_buffers(module: torch.nn.Module, device) -> None:
+    """Recompute buffers that are not in any state dict (rotary inv_freq) after meta -> to_empty.
+
+    They are derived from the config, so a fresh instance of the owning module recomputes them;
+    left alone they hold uninitialised memory and the loss is silently wrong.
+    """
+    for name, sub in module.named_modules():
+        stale = [b for b in getattr(sub, "_non_persistent_buffers_set", ()) if getattr(sub, b, None) is not None]
+        if not stale:
+            continue
+        if not hasattr(sub, "config"):
+            raise SFTError(f"{name} ({type(sub).__name__}) has non-persistent buffers {stale} that cannot be rebuilt after meta init")
+        with torch.device("cpu"):
+            fresh = type(sub)(sub.config)
+        for b in stale:
+            getattr(sub, b).copy_(getattr(fresh, b).to(device))
 
 
 def causal_lm(model):

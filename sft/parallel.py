@@ -49,6 +49,23 @@ def validate_parallel_config(cfg: ParallelConfig, world: int) -> None:
         )
     if cfg.cpu_offload and cfg.strategy not in ("fsdp", "zero3"):
         raise SFTError("parallelism.cpu_offload needs parallelism=fsdp or zero3")
+    _check_launcher_agrees(cfg.strategy)
+
+
+# What `accelerate launch` exports when its config asks for an engine. The Hydra config is the one
+# source of truth; a launcher asking for something else is a mistake to report, not to guess about.
+_LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "zero3", "ACCELERATE_USE_FSDP": "fsdp"}
+
+
+def _check_launcher_agrees(strategy: str) -> None:
+    import os
+
+    for var, wanted in _LAUNCHER_ENGINES.items():
+        if os.environ.get(var, "").lower() in ("1", "true", "yes") and strategy != wanted:
+            raise SFTError(
+                f"the launcher environment sets {var}=true (an accelerate config asking for {wanted}) but the config says "
+                f"parallelism={strategy}; launch with a topology-only accelerate config (launch/accelerate/) or set parallelism={wanted}"
+            )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -133,7 +150,10 @@ class Engine:
 class FSDPEngine(Engine):
     """torch FSDP2: fully_shard each decoder layer, then the root (the loss module, which owns embeddings and head)."""
 
-    def __init__(self, module: nn.Module, cfg: ParallelConfig, optim_cfg: OptimConfig, total_steps: int, device, world: int):
+    def __init__(self, module: nn.Module, cfg: ParallelConfig, optim_cfg: OptimConfig, total_steps: int, device, world: int,
+                 full_state: dict | None = None):
+        """`module` may be a meta-device skeleton: it is sharded first, then materialised and filled from
+        `full_state`, the complete state dict that only rank 0 holds (every other rank passes {})."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
@@ -141,6 +161,8 @@ class FSDPEngine(Engine):
         for layer in decoder_layers(module):
             fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=cfg.reshard_after_forward)
         fully_shard(module, mp_policy=mp, offload_policy=offload, reshard_after_forward=cfg.reshard_after_forward)
+        if full_state is not None:
+            _fill_from_rank0(module, full_state, device, cfg.cpu_offload)
         self.module = module
         self.wrapped = module
         self.device = device
@@ -163,6 +185,19 @@ class FSDPEngine(Engine):
         return float(loss_sum.detach())
 
 
+def _fill_from_rank0(module: nn.Module, full_state: dict, device, offloaded: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from sft.metrics import peak_memory_gb
+    from sft.model import reinit_nonpersistent_buffers
+
+    module.to_empty(device="cpu" if offloaded else device)
+    set_model_state_dict(module, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        reinit_nonpersistent_buffers(module, device)
+    log.info("sharded model materialised from rank 0's copy; peak host memory of this process %.2f GB", peak_memory_gb())
+
+
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
     lm = module.lm
     layers = getattr(lm.get_decoder(), "layers", None)
@@ -177,9 +212,12 @@ def _to(mb: MicroBatch, device) -> dict:
     return out
 
 
-def build_engine(module: nn.Module, cfg: ParallelConfig, optim_cfg: OptimConfig, total_steps: int, device, world: int):
+def build_engine(module: nn.Module, cfg: ParallelConfig, optim_cfg: OptimConfig, total_steps: int, device, world: int,
+                 micro_rows: int = 1, accumulation: int = 1, full_state: dict | None = None):
     if cfg.strategy in ("single", "ddp"):
         return Engine(module, optim_cfg, total_steps, device, world, ddp=cfg.strategy == "ddp" and world > 1)
     if cfg.strategy == "fsdp":
-        return FSDPEngine(module, cfg, optim_cfg, total_steps, device, world)
-    raise SFTError(f"parallelism.strategy={cfg.strategy!r} is not available yet")
+        return FSDPEngine(module, cfg, optim_cfg, total_steps, device, world, full_state)
+    from sft.zero3 import ZeroEngine
+
+    return ZeroEngine(module.to(device), cfg, optim_cfg, total_steps, device, world, micro_rows, accumulation)

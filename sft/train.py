@@ -54,7 +54,7 @@ class Setup:
 
 def prepare(cfg: C.SFTConfig) -> Setup:
     """All checks and the data, before any model exists."""
-    rank, local_rank, world = D.init_distributed()
+    rank, local_rank, world = D.init_distributed(always=cfg.parallelism.strategy in ("fsdp", "zero3"))
     accumulation = C.validate(cfg, world)
     run_dir = Path(D.broadcast_object(cfg.run.output_dir))
     tokenizer = build_tokenizer(cfg.model)
@@ -77,12 +77,32 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build_training(s: Setup):
-    cfg = s.cfg
+def _build_module(cfg: C.SFTConfig, tokenizer, device="cpu") -> ChunkedLossLM:
     torch.manual_seed(cfg.run.seed)
-    model = apply_peft(build_model(cfg.model, s.tokenizer), cfg.peft)
-    module = ChunkedLossLM(model, cfg.train.loss_chunk_size)
-    engine = build_engine(module, cfg.parallelism, cfg.optim, s.total_steps, s.device, s.world)
+    return ChunkedLossLM(apply_peft(build_model(cfg.model, tokenizer, device), cfg.peft), cfg.train.loss_chunk_size)
+
+
+def build_training(s: Setup):
+    """Model -> PEFT -> loss module -> engine.
+
+    FSDP2 never builds the full model on every rank: all ranks shard a meta-device skeleton and
+    rank 0 alone loads the weights, which reach the other ranks shard by shard. ZeRO-3 loading a
+    checkpoint partitions at construction (zero.Init through transformers' DeepSpeed integration).
+    """
+    cfg = s.cfg
+    args = (cfg.parallelism, cfg.optim, s.total_steps, s.device, s.world, cfg.train.micro_batch_size, s.accumulation)
+    if cfg.parallelism.strategy == "fsdp":
+        full_state = _build_module(cfg, s.tokenizer).state_dict() if s.rank == 0 else {}
+        engine = build_engine(_build_module(cfg, s.tokenizer, "meta"), *args, full_state=full_state)
+        del full_state
+    elif cfg.parallelism.strategy == "zero3" and cfg.model.path is not None:
+        from sft.zero3 import zero_init_scope
+
+        with zero_init_scope(*args[:5], cfg.train.micro_batch_size, s.accumulation):
+            module = _build_module(cfg, s.tokenizer)
+        engine = build_engine(module, *args)
+    else:
+        engine = build_engine(_build_module(cfg, s.tokenizer), *args)
     if cfg.packing.strategy != "off" and cfg.train.check_isolation:
         diff = check_document_isolation(engine.module, len(s.tokenizer), s.device)
         log.info("document isolation probe passed (max logit difference %.2e)", diff)
