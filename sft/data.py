@@ -63,13 +63,18 @@ class Split:
     """A tokenised split: rows of a memory-mapped Arrow table (input_ids, target mask, num_tokens, ...).
 
     `rows` may repeat a row (an upsampled source); nothing is copied into memory but the indices.
+    Also accepts a `datasets.Dataset` and a `labels` column instead of `target` (small in-memory
+    splits built by tests and tools).
     """
 
-    def __init__(self, table: Any, rows: np.ndarray):
+    def __init__(self, table: Any, rows: np.ndarray | None = None):
+        if hasattr(table, "flatten_indices"):  # a datasets.Dataset: its pyarrow table, in its row order
+            table = (table.flatten_indices() if getattr(table, "_indices", None) is not None else table).data.table
         self.table = table
-        self.rows = np.asarray(rows, dtype=np.int64)
-        ids = table.column("input_ids")
-        self._ids, self._target = ids.chunks, table.column("target").chunks
+        self.rows = np.arange(table.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._ids = table.column("input_ids").chunks
+        self._labels_given = "target" not in table.column_names
+        self._marks = table.column("labels" if self._labels_given else "target").chunks
         self._chunk_start = np.cumsum([0] + [len(c) for c in self._ids])
         self._lengths: np.ndarray | None = None
 
@@ -88,12 +93,15 @@ class Split:
         return self.table.column(name).to_numpy()[self.rows]
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) as int64, labels IGNORE_INDEX where not trained."""
         row = int(self.rows[int(i)])
         c = int(np.searchsorted(self._chunk_start, row, side="right")) - 1
         k = row - int(self._chunk_start[c])
         ids = self._ids[c][k].values.to_numpy(zero_copy_only=False).astype(np.int64)
-        target = self._target[c][k].values.to_numpy(zero_copy_only=False)
-        return ids, np.where(target, ids, IGNORE_INDEX)
+        marks = self._marks[c][k].values.to_numpy(zero_copy_only=False)
+        if self._labels_given:
+            return ids, marks.astype(np.int64)
+        return ids, np.where(marks, ids, IGNORE_INDEX)
 
 
 @dataclass

@@ -60,6 +60,10 @@ def zero_init_scope(par, optim_cfg: OptimConfig, total_steps: int, device, world
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    import deepspeed
+
+    # DeepSpeed's config reads the world size from its own comm layer: attach it to our process group first.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
     keep = HfDeepSpeedConfig(deepspeed_config(par, optim_cfg, micro_rows, accumulation, world))
     try:
         yield keep

@@ -155,8 +155,10 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(tmp_path)
 
     job = str(random.randint(1000, 9999))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SFT_OUTPUT_DIR", "RANK", "WORLD_SIZE"))}
-    env.update(PATH=f"{STUBS}:{env['PATH']}", STUB_LOG=str(tmp_path / "stub.log"), PYTHONUNBUFFERED="1")
-    max_steps = 12
+    # One thread per process: two of them run side by side, and every run computes alike.
+    env.update(PATH=f"{STUBS}:{env['PATH']}", STUB_LOG=str(tmp_path / "stub.log"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    max_steps = 10
     # The uninterrupted reference runs alongside (no Slurm job: nothing to requeue).
     reference = _train(tmp_path / "reference", max_steps, env)
     preempted_env = dict(env, SLURM_JOB_ID=job)

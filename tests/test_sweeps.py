@@ -49,9 +49,11 @@ def run_dirs(root: Path) -> list[Path]:
 @pytest.mark.parametrize("launcher", ["basic", "sft_local"])
 def test_sweep_gives_each_job_its_own_run_directory(tmp_path, launcher):
     select = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    # sft_local runs the two jobs side by side: one thread each.
+    threads = {} if launcher == "basic" else {"OMP_NUM_THREADS": 1}
     proc = subprocess.run([sys.executable, "-m", "sft.train", "-m", *select, *FAST, *probe_args(tmp_path / "probe"),
                            "optim.lr=1e-3,2e-3"],
-                          cwd=tmp_path, env=clean_env(tmp_path, SFT_RUN_ID="sweep1"), capture_output=True, text=True,
+                          cwd=tmp_path, env=clean_env(tmp_path, SFT_RUN_ID="sweep1", **threads), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep_dir = tmp_path / "runs" / "demo" / "sweep1"
