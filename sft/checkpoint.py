@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class CheckpointConfig:
     every: int = 100  # optimizer steps between checkpoints (0: only at the end and on preemption)
     keep: int = 2  # newest complete checkpoints kept
+    export_shard_gb: float = 5.0  # largest safetensors file of final/
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:

@@ -1,55 +1,191 @@
-"""Write `final/`: a Hugging Face model directory (or a PEFT adapter directory) that from_pretrained loads.
+"""Hugging Face model directories from training: streamed, sharded safetensors; LoRA adapters and merges.
 
-Also the `sft-export` command: merge a LoRA adapter into its base model.
+A 70B model must never be gathered into one process's memory to be saved: tensors arrive one at a
+time (from the live sharded model, from a DCP checkpoint, or from a DeepSpeed checkpoint) and are
+written into safetensors shards of at most `max_shard_bytes`, with the index transformers reads.
+Every output directory is written under a temporary name and renamed when complete.
+
+`sft-export RUN_DIR` writes a Hugging Face model from a run: `--merge` merges the LoRA adapter in
+final/, `--checkpoint step-N|LATEST` exports a sharded checkpoint of either backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
 
 from sft import distributed as D
 from sft.errors import SFTError
 from sft.model import causal_lm
 
-
-def _generation_config(lm, tokenizer, eot_id: int):
-    gen = lm.generation_config
-    gen.eos_token_id = sorted({eot_id, tokenizer.eos_token_id})
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.bos_token_id = tokenizer.bos_token_id
-    return gen
+DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def export_final(engine, tokenizer, run_dir: Path, eot_id: int) -> Path:
-    """Every rank calls this (sharded engines gather collectively); rank 0 writes. Written under a temporary
-    name and renamed, so `final/` is either the previous export or the complete new one."""
-    state = engine.full_state_dict()  # keys of engine.module.model (the LM or its PEFT wrapper), on rank 0
+class ShardWriter:
+    """Collects tensors up to a byte budget per file; file names and index in transformers' layout."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir = out_dir
+        self.max = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, str(self.out_dir / f".shard-{len(self.files):05d}"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.out_dir / ".shard-00000", self.out_dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / f".shard-{i:05d}", self.out_dir / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tensors(tensors: Iterable[tuple[str, torch.Tensor | None]], out_dir: Path, max_shard_bytes: int) -> None:
+    """Consume (name, tensor) pairs; only the writing rank gets tensors (others get None and just take part)."""
+    writer = ShardWriter(out_dir, max_shard_bytes) if D.rank() == 0 else None
+    for name, tensor in tensors:
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _finish_model_dir(tmp: Path, hf_config, tokenizer, eot_id: int | None) -> None:
+    from transformers import GenerationConfig
+
+    hf_config.save_pretrained(str(tmp))
+    gen = GenerationConfig.from_model_config(hf_config)
+    if eot_id is not None:
+        gen.eos_token_id = sorted({eot_id, tokenizer.eos_token_id})
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+
+
+def export_final(engine, tokenizer, run_dir: Path, eot_id: int, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """`final/` from the live (possibly sharded) model. Every rank calls this; rank 0 writes."""
     final = Path(run_dir) / "final"
+    tmp = Path(run_dir) / ".final-partial"
+    wrapped = engine.module_for_export()
+    lm = causal_lm(wrapped)
     if D.rank() == 0:
-        tmp = Path(run_dir) / ".final-partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        wrapped = engine.module_for_export()
-        lm = causal_lm(wrapped)
-        _generation_config(lm, tokenizer, eot_id)
-        if wrapped is not lm:  # PEFT: the adapter only; `sft-export --merge` builds the full model
-            wrapped.save_pretrained(str(tmp), state_dict=state)
-            lm.generation_config.save_pretrained(str(tmp))
-        else:
-            lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        tmp.mkdir(parents=True)
+    if wrapped is not lm:
+        # PEFT: the adapter only (small), gathered whole; `sft-export --merge` builds the full model.
+        adapter = dict(engine.iter_full_tensors(trainable_only=True))
+        if D.rank() == 0:
+            wrapped.save_pretrained(str(tmp), state_dict=adapter)
+            _finish_model_dir(tmp, lm.config, tokenizer, eot_id)
+            (tmp / "config.json").unlink()  # an adapter directory must not look like a full model
+    else:
+        write_tensors(engine.iter_full_tensors(), tmp, max_shard_bytes)
+        if D.rank() == 0:
+            _finish_model_dir(tmp, lm.config, tokenizer, eot_id)
+    if D.rank() == 0:
+        _replace_dir(tmp, final)
     D.barrier()
     return final
 
 
+# ---------------------------------------------------------------- offline: checkpoints and adapters
+
+def _dcp_tensors(checkpoint: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Model tensors of a DCP checkpoint, read one at a time in this single process (any world size wrote it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    for key, info in meta.items():
+        if not key.startswith("model.") or not isinstance(info, TensorStorageMetadata):
+            continue
+        holder = {key: torch.empty(info.size, dtype=info.properties.dtype)}
+        dcp.load(holder, checkpoint_id=str(checkpoint), no_dist=True)
+        yield key.removeprefix("model.model."), holder[key]  # "model" entry of the checkpoint, then the loss module's "model."
+
+
+def _zero3_tensors(checkpoint: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from sft.zero3 import CHECKPOINT_TAG
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, lazy_mode=True)
+    for key, tensor in lazy.items():  # each lazy tensor is assembled from the partitions only when asked for
+        yield key.removeprefix("model."), tensor.contiguous()  # keys of the loss module: "model." + the LM's
+
+
+def export_checkpoint(run_dir: Path, checkpoint: Path, out_dir: Path, max_shard_bytes: int) -> Path:
+    """A full Hugging Face model from a sharded training checkpoint, streamed tensor by tensor."""
+    from sft.model import ModelConfig, build_hf_config, build_tokenizer
+
+    mcfg = _run_model_config(run_dir)
+    peft = _run_section(run_dir, "peft")
+    if peft.get("method", "none") != "none":
+        raise SFTError(f"{checkpoint} holds a LoRA adapter, not a model: export final/ with --merge instead")
+    tokenizer = build_tokenizer(ModelConfig(**mcfg))
+    tensors = _zero3_tensors(checkpoint) if (checkpoint / "zero3").is_dir() else _dcp_tensors(checkpoint)
+    tmp = out_dir.with_name(f".{out_dir.name}-partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tensors(tensors, tmp, max_shard_bytes)
+    from sft.templating import resolve_eot_id
+
+    _finish_model_dir(tmp, build_hf_config(ModelConfig(**mcfg), tokenizer), tokenizer, resolve_eot_id(tokenizer, mcfg.get("eot_token")))
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _run_section(run_dir: Path, key: str) -> dict:
+    from omegaconf import OmegaConf
+
+    config = Path(run_dir) / "config.yaml"
+    if not config.exists():
+        raise SFTError(f"{run_dir}: no config.yaml (not a run directory)")
+    return OmegaConf.to_container(OmegaConf.load(config)[key], resolve=True)
+
+
+def _run_model_config(run_dir: Path) -> dict:
+    return _run_section(run_dir, "model")
+
+
 def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
-    """Load the base model (from `base`, the adapter's recorded base, or the run's config), apply the adapter, merge."""
+    """Base model (from `base`, the run's config, or the adapter's recorded base) + adapter, merged."""
     from peft import PeftConfig as HFPeftConfig, PeftModel
     from transformers import AutoTokenizer
 
@@ -62,25 +198,20 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    _replace_dir(tmp, out_dir)
     return out_dir
 
 
 def _load_base(adapter_dir: Path, base: str | None, recorded: str | None):
     """A model built from config values (the tiny model) is rebuilt from the run's config.yaml and seed."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
     if base:
         return AutoModelForCausalLM.from_pretrained(base)
-    run_config = adapter_dir.parent / "config.yaml"
-    if run_config.exists():
+    if (adapter_dir.parent / "config.yaml").exists():
         from sft.model import ModelConfig, build_model, build_tokenizer
 
-        raw = OmegaConf.to_container(OmegaConf.load(run_config)["model"], resolve=True)
-        mcfg = ModelConfig(**raw)
+        mcfg = ModelConfig(**_run_model_config(adapter_dir.parent))
         return causal_lm(build_model(mcfg, build_tokenizer(mcfg)))
     if recorded:
         return AutoModelForCausalLM.from_pretrained(recorded)
@@ -88,20 +219,29 @@ def _load_base(adapter_dir: Path, base: str | None, recorded: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft-export", description="Merge a LoRA adapter (a run's final/) into a full Hugging Face model.")
-    parser.add_argument("path", help="a run directory or its final/ adapter directory")
-    parser.add_argument("--out", help="output directory (default: RUN/final-merged)")
-    parser.add_argument("--base", help="base model id or directory (default: from the run's config)")
+    parser = argparse.ArgumentParser(prog="sft-export", description=__doc__.split("\n\n")[-1])
+    parser.add_argument("run_dir", type=Path, help="a run directory (or a final/ adapter directory with --merge)")
+    parser.add_argument("--merge", action="store_true", help="merge the LoRA adapter in final/ into its base model")
+    parser.add_argument("--checkpoint", help="export checkpoints/NAME (or LATEST) instead of final/")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN/final-merged or RUN/export-NAME)")
+    parser.add_argument("--base", help="base model for --merge (default: from the run's config)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
-    path = Path(args.path)
-    adapter = path / "final" if (path / "final").is_dir() else path
-    out = Path(args.out) if args.out else adapter.parent / "final-merged"
     try:
-        merge_adapter(adapter, out, args.base)
+        if args.checkpoint:
+            from sft.checkpoint import checkpoint_root, latest_checkpoint
+
+            ckpt = latest_checkpoint(args.run_dir) if args.checkpoint == "LATEST" else checkpoint_root(args.run_dir) / args.checkpoint
+            if ckpt is None or not (ckpt / "train_state.json").exists():
+                raise SFTError(f"{args.run_dir}: no complete checkpoint {args.checkpoint}")
+            out = export_checkpoint(args.run_dir, ckpt, args.out or args.run_dir / f"export-{ckpt.name}", int(args.max_shard_gb * 2**30))
+        else:
+            adapter = args.run_dir / "final" if (args.run_dir / "final").is_dir() else args.run_dir
+            out = merge_adapter(adapter, args.out or adapter.parent / "final-merged", args.base)
     except SFTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
+    print(f"model written to {out}")
     return 0
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sft import distributed as D
 from sft.errors import SFTError
 from sft.loader import MicroBatch
 from sft.optim import OptimConfig, build_optimizer, build_scheduler
@@ -117,13 +118,19 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     def module_for_export(self) -> nn.Module:
-        """The LM (or its PEFT wrapper) whose keys full_state_dict() uses."""
+        """The LM (or its PEFT wrapper) whose keys iter_full_tensors() uses."""
         return self.module.model
 
-    def full_state_dict(self) -> dict:
-        """Unsharded CPU tensors keyed like module_for_export(); complete on rank 0 (all ranks must call)."""
-        sd = self.module.model.state_dict()
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    def iter_full_tensors(self, trainable_only: bool = False):
+        """(name, full CPU tensor) keyed like module_for_export(), one tensor at a time; rank 0 gets the
+        tensors, other ranks None. Every rank must consume the whole iterator (sharded engines gather)."""
+        trainable = {n for n, p in self.module.model.named_parameters() if p.requires_grad}
+        for name, value in self.module.model.state_dict().items():
+            if trainable_only and name not in trainable:
+                continue
+            if hasattr(value, "full_tensor"):  # an FSDP2 shard: all-gather this one tensor only
+                value = value.full_tensor()
+            yield name, (value.detach().cpu().clone() if D.rank() == 0 else None)
 
     def save_state(self, directory) -> None:
         """Model and optimizer through torch.distributed.checkpoint: sharded, and reshardable on load."""
@@ -170,12 +177,6 @@ class FSDPEngine(Engine):
         self.optim_cfg = optim_cfg
         self.optimizer = build_optimizer(module, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
-
-    def full_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in sd.items()}
 
     def forward_backward(self, mb: MicroBatch, scale: float, last_micro: bool) -> float:
         # Reduce-scatter only on the last micro-step; earlier ones accumulate unsharded local gradients.

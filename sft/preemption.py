@@ -56,15 +56,17 @@ class StopFlag:
 
 def requeue() -> None:
     """Ask Slurm to put this job back in the queue; it resumes from checkpoints/LATEST when it restarts.
-    Only after a USR1/USR2 stop (see the module docstring), only on rank 0, only inside a Slurm job."""
+    Only after a USR1/USR2 stop (see the module docstring), only from rank 0, only inside a Slurm job.
+    Every rank calls this: no rank exits before the job is requeued, since a rank that exits first
+    can end the job step (srun --kill-on-bad-exit) and kill rank 0 before it has asked."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or D.rank() != 0:
-        return
-    if not _requeue_wanted:
-        log.warning("stopped by SIGTERM: not requeueing Slurm job %s (resubmit it to resume from LATEST)", job)
-        return
-    try:
-        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
-        log.warning("requeued Slurm job %s", job)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.error("could not requeue Slurm job %s: %s (resubmit it; it resumes from LATEST)", job, exc)
+    if job and D.rank() == 0:
+        if not _requeue_wanted:
+            log.warning("stopped by SIGTERM: not requeueing Slurm job %s (resubmit it to resume from LATEST)", job)
+        else:
+            try:
+                subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+                log.warning("requeued Slurm job %s", job)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("could not requeue Slurm job %s: %s (resubmit it; it resumes from LATEST)", job, exc)
+    D.barrier()

@@ -218,7 +218,7 @@ def train(s: Setup) -> dict:
     if preempted:
         requeue()
         return {"preempted": True, "step": state["step"]}
-    export_final(engine, s.tokenizer, s.run_dir, s.eot_id)
+    export_final(engine, s.tokenizer, s.run_dir, s.eot_id, int(cfg.checkpoint.export_shard_gb * 2**30))
     score_after = _demo_score(engine, s, "after", logger)
     summary = {
         "run_name": cfg.run.name, "steps": state["step"], "tokens_trained": state["tokens"],

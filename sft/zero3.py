@@ -110,17 +110,16 @@ class ZeroEngine:
     def module_for_export(self) -> nn.Module:
         return self.module.model
 
-    def full_state_dict(self) -> dict:
+    def iter_full_tensors(self, trainable_only: bool = False):
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         from sft import distributed as D
 
-        out = {}
         for name, p in self.module.model.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             with GatheredParameters([p], modifier_rank=None):  # one tensor at a time: no full copy on any rank
-                if D.rank() == 0:
-                    out[name] = p.data.detach().cpu().clone()
-        return out
+                yield name, (p.data.detach().cpu().clone() if D.rank() == 0 else None)
 
     def save_state(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)

@@ -36,7 +36,17 @@ def ok(res):
 
 
 def weights(run, name="model.safetensors"):
-    return load_file(run / "final" / name)
+    """All tensors of final/, from one file or from the shards named by the index."""
+    final = run / "final"
+    index = final / "model.safetensors.index.json"
+    if name == "model.safetensors" and index.exists():
+        import json
+
+        out = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(final / shard))
+        return out
+    return load_file(final / name)
 
 
 def assert_same(a, b, atol=ATOL):
@@ -66,7 +76,8 @@ def single(runs):
 
 @pytest.fixture(scope="module")
 def fsdp(runs):
-    ok(torchrun([*RUN, "parallelism=fsdp", f"run.output_dir={runs / 'fsdp'}"]))
+    # Small shards, so that final/ is written as several safetensors files and an index.
+    ok(torchrun([*RUN, "parallelism=fsdp", "checkpoint.export_shard_gb=0.0005", f"run.output_dir={runs / 'fsdp'}"]))
     return runs / "fsdp"
 
 
@@ -80,6 +91,32 @@ def test_fsdp_two_processes_equal_one(single, fsdp):
     # Also the sharded export: final/ was gathered from 2 shards and must equal the 1-process model.
     assert_same(weights(fsdp), weights(single))
     assert sorted(p.name for p in (fsdp / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+
+
+def test_sharded_final_is_split_and_loadable(fsdp, single):
+    from transformers import AutoModelForCausalLM
+
+    assert (fsdp / "final" / "model.safetensors.index.json").exists()
+    assert len(list((fsdp / "final").glob("model-*-of-*.safetensors"))) > 1
+    ids = torch.randint(3, 260, (1, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(fsdp / "final")(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(single / "final")(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_offline_export_of_sharded_checkpoint_equals_final(backend, request, tmp_path):
+    """`sft-export RUN --checkpoint LATEST` reads the checkpoint tensor by tensor in one process."""
+    run = request.getfixturevalue(backend)
+    out = tmp_path / "exported"
+    res = run_cli([str(run), "--checkpoint", "LATEST", "--out", str(out), "--max-shard-gb", "0.0005"], module="sft.export")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    exported = {}
+    for f in out.glob("model-*.safetensors"):
+        exported.update(load_file(f))
+    assert_same(exported, weights(run), atol=0)
 
 
 def test_zero3_two_processes_equal_one(single, zero3):

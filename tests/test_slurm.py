@@ -144,6 +144,25 @@ def test_lora_prepare_and_workstation_command_lines(tmp_path):
     assert ws[-4:] == ["-m", "sft.train", "model=tiny", "parallelism=ddp"]
 
 
+def test_accelerate_starts_several_cpu_processes_only_in_multi_gpu_mode(tmp_path):
+    """The launcher finding the scripts rely on (accelerate 1.15): `--cpu` takes accelerate's one-process
+    path whatever --num_processes says; MULTI_GPU (a flag, or the config files in launch/accelerate/)
+    is a plain torchrun start and works without GPUs."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os; print('RANK', os.environ.get('RANK'), os.environ.get('WORLD_SIZE'), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # keep a user's accelerate default_config.yaml out
+
+    def ranks(*flags):
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *flags, str(probe)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(line.split(maxsplit=1)[1] for line in proc.stdout.splitlines() if line.startswith("RANK "))
+
+    assert ranks("--cpu", "--num_processes", "2") == ["None None"]
+    assert ranks("--config_file", str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml")) == ["0 2", "1 2"]
+
+
 def _wait_for_steps(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
