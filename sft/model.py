@@ -111,14 +111,27 @@ def build_hf_config(cfg: ModelConfig, tokenizer=None):
     return hf_config
 
 
-def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu"):
+def _quantization(quantize_4bit: bool, dtype: torch.dtype) -> dict:
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; refused earlier elsewhere)."""
+    if not quantize_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)}
+
+
+def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu", quantize_4bit: bool = False):
     """The causal LM in cfg.dtype, on `device` ("meta" builds the skeleton without allocating weights)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
+    if quantize_4bit and cfg.path is None:
+        raise SFTError("peft=qlora quantises pretrained weights: set model.path")
     if cfg.path is not None and str(device) != "meta":
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+            **_quantization(quantize_4bit, dtype),
         )
     else:
         # On "meta" this is the skeleton that a sharded engine fills from rank 0's copy.
@@ -148,6 +161,10 @@ def apply_peft(model, cfg: PeftConfig):
         return model
     from peft import LoraConfig, get_peft_model
 
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 

@@ -98,13 +98,13 @@ def _arrow_batches(file: Path) -> Iterator[Any]:
             yield from pq.ParquetFile(file).iter_batches(batch_size=1024)
             return
         with pa.memory_map(str(file)) as source:
-            try:
+            try:  # the IPC file format (random access); datasets' own .arrow files are IPC streams
                 reader = pa.ipc.open_file(source)
-                for i in range(reader.num_record_batches):
-                    yield reader.get_batch(i)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             except pa.ArrowInvalid:
                 source.seek(0)
-                yield from pa.ipc.open_stream(source)
+                batches = pa.ipc.open_stream(source)
+            yield from batches
     except (pa.ArrowInvalid, OSError) as exc:
         raise SFTError(f"{file}: cannot be read as {file.suffix[1:]}: {exc}") from None
 

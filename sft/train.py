@@ -79,7 +79,8 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 def _build_module(cfg: C.SFTConfig, tokenizer, device="cpu") -> ChunkedLossLM:
     torch.manual_seed(cfg.run.seed)
-    return ChunkedLossLM(apply_peft(build_model(cfg.model, tokenizer, device), cfg.peft), cfg.train.loss_chunk_size)
+    model = build_model(cfg.model, tokenizer, device, quantize_4bit=cfg.peft.method == "qlora")
+    return ChunkedLossLM(apply_peft(model, cfg.peft), cfg.train.loss_chunk_size)
 
 
 def build_training(s: Setup):

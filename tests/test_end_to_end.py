@@ -106,3 +106,16 @@ def test_lora_run_exports_adapter_and_merges(tmp_path):
     ids = torch.randint(3, 260, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, engine.module.lm(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_wandb_offline_without_key_and_secrets_stay_out(tmp_path):
+    out = tmp_path / "wb"
+    secret = "sk-test-0123456789abcdef"
+    res = run_cli([*FAST_RUN, f"run.output_dir={out}", "train.max_steps=2", "logging=wandb"],
+                  env_extra={"WANDB_MODE": "offline", "HF_TOKEN": secret, "WANDB_API_KEY": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb logged offline into the run directory"
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    assert secret not in res.stdout + res.stderr

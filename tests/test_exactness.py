@@ -124,3 +124,18 @@ def test_accumulation_invariance(tokenizer, packing):
         assert loss == pytest.approx(base_loss, abs=1e-6)
         for name, t in base_grads.items():
             assert torch.allclose(g[name], t, atol=1e-6, rtol=1e-5), name
+
+
+def test_activation_checkpointing_keeps_gradients(tokenizer):
+    split = make_split([30, 22, 17])
+    mb = collate([[0, 1], [2]], split, tokenizer.pad_token_id)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(tokenizer)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = ChunkedLossLM(model).train()
+        module(**mb.model_inputs(), labels=mb.labels).backward()
+        results.append(grads(module))
+    for name, g in results[0].items():
+        assert torch.allclose(results[1][name], g, atol=1e-6, rtol=1e-5), name
