@@ -66,6 +66,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: str, step: int, engine, train_state: dict, keep: int) -> Path:
     """Every rank calls this. Returns the final checkpoint directory."""
     root = checkpoint_root(run_dir)
@@ -88,6 +96,7 @@ def save_checkpoint(run_dir: str, step: int, engine, train_state: dict, keep: in
             shutil.rmtree(final)
         os.replace(partial, final)
         _write_atomic(root / "LATEST", name + "\n")
+        _fsync_dir(root)  # the renames survive a node crash, not only a killed process
         _prune(root, keep, keep_name=name)
     D.barrier()
     return final

@@ -33,7 +33,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @dataclass
 class RunConfig:
     name: str = "demo"
-    output_dir: str = "runs/${run.name}/${sft_run_id:}"
+    output_dir: str = "${oc.env:SFT_OUTPUT_DIR,runs/${run.name}/${sft_run_id:}}"
     seed: int = 0
     resume: str = "auto"  # auto: continue from checkpoints/LATEST if present | never | PATH to a checkpoint or run dir
     demo: bool = False  # score generated answers before and after training
@@ -75,8 +75,21 @@ def _run_id() -> str:
             if var == "SLURM_JOB_ID" and os.environ.get("SLURM_ARRAY_TASK_ID"):
                 value = f"{os.environ.get('SLURM_ARRAY_JOB_ID', value)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
             return value
-    os.environ["SFT_RUN_ID"] = time.strftime("%Y%m%d-%H%M%S")
+    # Ranks started by one launcher agent (accelerate launch's static rendezvous has no run id) share
+    # their parent: its start time names the run identically on every rank, however late each starts.
+    started = _parent_start_time() if "LOCAL_RANK" in os.environ else None
+    os.environ["SFT_RUN_ID"] = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     return os.environ["SFT_RUN_ID"]
+
+
+def _parent_start_time() -> float | None:
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def register() -> None:

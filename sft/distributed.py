@@ -13,8 +13,11 @@ def env_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun/accelerate variables, or from Slurm's when srun starts ranks directly."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "MASTER_ADDR" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
+    # srun starting the ranks itself: the step's task count (SLURM_NTASKS is also set in the batch shell,
+    # where a plain `python -m sft.train` must stay a single process).
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+    if "SLURM_PROCID" in os.environ and tasks > 1 and "MASTER_ADDR" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), tasks
     return 0, 0, 1
 
 

@@ -50,10 +50,12 @@ class Setup:
     rows: list
     steps_per_epoch: int
     total_steps: int
+    stop: StopFlag
 
 
 def prepare(cfg: C.SFTConfig) -> Setup:
     """All checks and the data, before any model exists."""
+    stop = StopFlag()  # first: a warning signal during start-up must still lead to a save and requeue
     rank, local_rank, world = D.init_distributed(always=cfg.parallelism.strategy in ("fsdp", "zero3"))
     accumulation = C.validate(cfg, world)
     run_dir = Path(D.broadcast_object(cfg.run.output_dir))
@@ -63,7 +65,8 @@ def prepare(cfg: C.SFTConfig) -> Setup:
     rows = build_rows(data.train.lengths, cfg.packing.strategy, cfg.data.max_length)
     steps_per_epoch = math.ceil(len(rows) / cfg.train.global_batch_size)
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
-    return Setup(cfg, rank, world, accumulation, D.device_for(local_rank), run_dir, tokenizer, eot_id, data, rows, steps_per_epoch, total)
+    return Setup(cfg, rank, world, accumulation, D.device_for(local_rank), run_dir, tokenizer, eot_id, data, rows,
+                 steps_per_epoch, total, stop)
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
@@ -171,7 +174,7 @@ def train(s: Setup) -> dict:
     logger = MetricsLogger(s.run_dir, cfg.logging, s.total_steps, s.rank == 0, C.redact(C.plain_dict(cfg)), cfg.run.name)
     logger.set_position(state["step"])
     score_before = _demo_score(engine, s, "before", logger) if state["step"] == 0 else None
-    stop = StopFlag()
+    stop = s.stop
     varlen = cfg.model.attn_implementation in VARLEN_BACKENDS
     pad_id = s.tokenizer.pad_token_id
     flops_per_token = 6 * sum(p.numel() for p in engine.module.parameters()) * s.world
@@ -209,7 +212,7 @@ def train(s: Setup) -> dict:
                 checkpoint()
                 break
         if stop.should_stop():
-            logger.write(f"stop signal received: saving step {step} and exiting for requeue")
+            logger.write(f"stop signal received: saving step {step} and exiting" + (" for requeue" if stop.requeue_wanted else ""))
             checkpoint()
             preempted = True
             break

@@ -6,7 +6,9 @@
 #
 # Knobs (environment): SFT_EXPERIMENT (prepended as experiment=..., unless an override names one),
 # SFT_GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8), SFT_NODES (when SLURM_NNODES is unset),
-# SFT_LAUNCHER, SFT_PYTHON, SFT_VENV (slurm/env.sh), MASTER_PORT, SFT_DRY_RUN=1 (print, run nothing).
+# SFT_MASTER_ADDR / SFT_MASTER_PORT (rendezvous; default: first node, 20000 + job id % 20000),
+# SFT_RUN_ID (default: the job id; set it to continue another job's run directory),
+# SFT_LAUNCHER, SFT_PYTHON, SFT_VENV (slurm/env.sh), SFT_DRY_RUN=1 (print the commands, run nothing).
 set -euo pipefail
 # shellcheck source=slurm/env.sh
 source "${SFT_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}/slurm/env.sh"
@@ -31,9 +33,10 @@ fi
 export SFT_NNODES="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-${SFT_NODES:-1}}}"
 export SFT_GPUS_PER_NODE="${SFT_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
-export MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"
-# A port derived from the job id: two jobs sharing a node do not collide, a requeued job reuses it.
-export MASTER_PORT="${MASTER_PORT:-$((20000 + job % 20000))}"
+# Rendezvous on the job's first node, at a port derived from the job id: two jobs sharing a node do
+# not collide, a requeued job reuses it. (Not MASTER_ADDR/PORT: sbatch exports the submitting shell's.)
+export MASTER_ADDR="${SFT_MASTER_ADDR:-${hosts[0]}}"
+export MASTER_PORT="${SFT_MASTER_PORT:-$((20000 + job % 20000))}"
 
 echo "job $job (restart ${SLURM_RESTART_COUNT:-0}): $SFT_NNODES node(s) x $SFT_GPUS_PER_NODE processes via $SFT_LAUNCHER," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, run id $SFT_RUN_ID, overrides: ${args[*]}" >&2
