@@ -121,7 +121,7 @@ def minhash_signature(text: str, num_perm: int, ngram: int) -> np.ndarray:
     shingles = {" ".join(words[i : i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
     m = MinHash(num_perm=num_perm, seed=1)
     m.update_batch([s.encode() for s in shingles])
-    return m.hashvalues.astype(np.uint32)  # the default affine32 scheme keeps 32-bit values
+    return m.hashvalues.astype(np.uint32)  # 32-bit values under both the 2.x default scheme and 1.x
 
 
 def example_features(messages, text: str | None, cfg: FilterConfig, refusal_re: re.Pattern | None) -> dict:
@@ -235,7 +235,7 @@ def _near_duplicates(ev, tr, signature, cfg: FilterConfig, reason: np.ndarray, d
     for rows, is_train in ((ev, False), (tr, True)):
         for row in rows.tolist():
             sig = signature(row)
-            mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
+            mh = _lean_minhash(LeanMinHash, sig)
             if is_train:
                 similar = [h for h in sorted(lsh.query(mh)) if np.mean(signature(h) == sig) >= cfg.near_dedup_threshold]
                 if similar:
@@ -244,3 +244,10 @@ def _near_duplicates(ev, tr, signature, cfg: FilterConfig, reason: np.ndarray, d
                         duplicate_of[row] = similar[0]
                     continue
             lsh.insert(row, mh, check_duplication=False)
+
+
+def _lean_minhash(cls, sig: np.ndarray):
+    try:  # datasketch >= 2.0 wants the permutation scheme of stored values named (its default is affine32)
+        return cls(seed=1, hashvalues=sig, scheme="affine32")
+    except TypeError:  # datasketch 1.x: one scheme, no such argument
+        return cls(seed=1, hashvalues=sig.astype(np.uint64))

@@ -102,19 +102,19 @@ def run(cfg: C.SFTConfig, world: int) -> dict:
 
 def _take_world(argv: list[str]) -> int:
     """Remove `--world N` / `--world=N` from argv (Hydra owns the rest of the command line)."""
-    world = int(os.environ.get("WORLD_SIZE", 8))
+    value = os.environ.get("WORLD_SIZE", "8")
     for i, arg in enumerate(list(argv)):
         if arg == "--world" and i + 1 < len(argv):
-            world = int(argv[i + 1])
+            value = argv[i + 1]
             del argv[i : i + 2]
             break
         if arg.startswith("--world="):
-            world = int(arg.split("=", 1)[1])
+            value = arg.split("=", 1)[1]
             del argv[i]
             break
-    if world < 1:
-        raise SystemExit("--world must be >= 1")
-    return world
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: --world {value!r}: expected a number of ranks >= 1")
+    return int(value)
 
 
 C.register()
@@ -129,7 +129,7 @@ def _hydra_main(dcfg: DictConfig):
         sys.exit(2)
 
 
-_WORLD = [8]
+_WORLD = [8]  # set by main() from --world before Hydra takes the command line
 
 
 def main():

@@ -135,16 +135,17 @@ def tokenize(raw_path: Path, out: Path, cfg, tokenizer, template, eot_id: int, k
     import datasets
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    seq = getattr(datasets, "List", None) or datasets.Sequence  # List since datasets 4
     features = {
         "source": datasets.Value("int32"),
-        "input_ids": datasets.List(datasets.Value("int32")), "target": datasets.List(datasets.Value("bool")),
+        "input_ids": seq(datasets.Value("int32")), "target": seq(datasets.Value("bool")),
         "num_tokens": datasets.Value("int32"), "num_target": datasets.Value("int32"),
         "prompt_tokens": datasets.Value("int32"), "overlong": datasets.Value("bool"), "truncated": datasets.Value("bool"),
         "content_hash": datasets.Value("int64"), "repetition": datasets.Value("float32"),
         "cutoff": datasets.Value("bool"), "refusal": datasets.Value("bool"),
     }
     if cfg.filters.near_dedup:
-        features["minhash"] = datasets.List(datasets.Value("uint32"))
+        features["minhash"] = seq(datasets.Value("uint32"))
     raw = datasets.Dataset.from_file(str(raw_path))
     (out / "tokens").mkdir(parents=True, exist_ok=True)
     tokens = raw.map(
