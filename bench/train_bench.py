@@ -304,7 +304,7 @@ def tokenized_lengths(path: Path) -> tuple[list[list[int]], list[list[int]]]:
     return ids, labels
 
 
-def packing_bench(a, sets: list[tuple[str, Path]]) -> list[str]:
+def packing_bench(a, sets: list[tuple[str, Path]], row_lengths: list[int]) -> list[str]:
     sys.path.insert(0, str(REPO))
     from datasets import Dataset, disable_progress_bars
     from trl import pack_dataset
@@ -312,22 +312,23 @@ def packing_bench(a, sets: list[tuple[str, Path]]) -> list[str]:
     from sft.packing import best_fit_decreasing, packing_efficiency
 
     disable_progress_bars()
-    lines = [f"4. packing efficiency (real tokens / token slots) at max_length {a.max_length}, same tokenized documents",
-             f"   {'data':<34} {'docs':>6} {'sft BFD (global)':>17} {'TRL bfd (as SFTTrainer)':>24} {'TRL bfd, one map batch':>23}"]
+    lines = ["4. packing efficiency (real tokens / token slots), the same tokenized documents on both sides",
+             f"   {'data':<30} {'docs':>5} {'row':>5} {'sft BFD (global)':>17} {'TRL bfd (as SFTTrainer)':>24} {'TRL bfd, one map batch':>23}"]
     for name, path in sets:
-        ids, labels = tokenized_lengths(path)
-        keep = [i for i, x in enumerate(ids) if len(x) <= a.max_length]  # sft drops overlong, TRL would truncate them
-        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
-        lengths = np.asarray([len(x) for x in ids])
-        sft_eff = packing_efficiency(best_fit_decreasing(lengths, a.max_length), lengths, a.max_length)
-        ds = Dataset.from_dict({"input_ids": ids, "labels": labels})
-        effs = []
-        # SFTTrainer calls pack_dataset with map_kwargs={"num_proc": ...}: datasets.map's default batch of 1000
-        # examples, each packed on its own; batch_size=None packs the whole set in one call.
-        for extra in ({}, {"batch_size": None}):
-            packed = pack_dataset(ds, a.max_length, "bfd", {"num_proc": None, **extra})
-            effs.append(int(lengths.sum()) / (len(packed) * a.max_length))
-        lines.append(f"   {name:<34} {len(ids):>6} {sft_eff:>16.2%} {effs[0]:>24.2%} {effs[1]:>23.2%}")
+        all_ids, all_labels = tokenized_lengths(path)
+        for row in row_lengths:
+            keep = [i for i, x in enumerate(all_ids) if len(x) <= row]  # sft drops overlong, TRL would truncate them
+            ids, labels = [all_ids[i] for i in keep], [all_labels[i] for i in keep]
+            lengths = np.asarray([len(x) for x in ids])
+            sft_eff = packing_efficiency(best_fit_decreasing(lengths, row), lengths, row)
+            ds = Dataset.from_dict({"input_ids": ids, "labels": labels})
+            effs = []
+            # SFTTrainer calls pack_dataset with map_kwargs={"num_proc": ...}: datasets.map's default batch of 1000
+            # examples, each packed on its own; batch_size=None packs the whole set in one call.
+            for extra in ({}, {"batch_size": None}):
+                packed = pack_dataset(ds, row, "bfd", {"num_proc": None, **extra})
+                effs.append(int(lengths.sum()) / (len(packed) * row))
+            lines.append(f"   {name:<30} {len(ids):>5} {row:>5} {sft_eff:>16.2%} {effs[0]:>24.2%} {effs[1]:>23.2%}")
     lines.append("   TRL 1.16 packs with best-fit decreasing too (packing_strategy='bfd'); the difference is where it is applied:")
     lines.append("   per datasets.map batch (1000 examples) inside SFTTrainer, over the whole dataset in sft.")
     return lines
@@ -344,7 +345,6 @@ def train_bench(a, data: Path, work: Path) -> list[str]:
             print(f"   [{side} run {rep + 1}/{a.repeats}] {r['tokens_per_s']:.0f} tok/s, peak RSS {r['rss_gb']:.2f} GiB, "
                   f"{r['steps']} steps, final loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s wall", flush=True)
     med = {s: {k: statistics.median(r[k] for r in res[s]) for k in ("tokens_per_s", "rss_gb", "wall_s")} for s in res}
-    a_ = arch(a)
     lines = [
         f"1-2. training: Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, fp32, CPU, sdpa; max_length {a.max_length}; "
         f"{a.rows_per_step} packed rows per optimizer step ({a.micro_rows} per micro-batch); {a.steps} steps, first {a.warmup} "
@@ -357,7 +357,6 @@ def train_bench(a, data: Path, work: Path) -> list[str]:
                  f"peak RSS {med['sft']['rss_gb'] / med['trl']['rss_gb']:.2f}x")
     lines.append(f"   packing efficiency of the trained rows: sft {res['sft'][0]['packing_efficiency']:.2%}, "
                  f"TRL {res['trl'][0]['packing_efficiency']:.2%}")
-    del a_
     return lines
 
 
@@ -370,9 +369,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=264, help="model vocabulary (the tiny tokenizer has 264 tokens)")
-    p.add_argument("--rows-per-step", type=int, default=8, help="packed rows of max_length per optimizer step")
+    p.add_argument("--rows-per-step", type=int, default=4, help="packed rows of max_length per optimizer step")
     p.add_argument("--micro-rows", type=int, default=1, help="rows per forward pass (both sides)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--loss-vocab", type=int, default=128256)
@@ -407,7 +406,8 @@ def main() -> None:
     if "loss" in parts:
         report += loss_bench(a, work)
     if "packing" in parts:
-        report += packing_bench(a, [("synthetic chats (this run's data)", data), ("bundled demo conversations", DEMO_DATA)])
+        sets = [("synthetic chats (this run's)", data), ("bundled demo conversations", DEMO_DATA)]
+        report += packing_bench(a, sets, [a.max_length, 4 * a.max_length])
     print("\n".join(report))
 
 
