@@ -133,7 +133,8 @@ def test_activation_checkpointing_keeps_gradients(tokenizer):
     for checkpointing in (False, True):
         model = tiny_model(tokenizer)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_activation_checkpointing
         module = ChunkedLossLM(model).train()
         module(**mb.model_inputs(), labels=mb.labels).backward()
         results.append(grads(module))
