@@ -20,6 +20,17 @@ claim is a ratio; raw numbers are labelled as measurements on this machine.
             logits) vs the fused LM head that SFTTrainer installs (trl.trainer.utils.add_fused_lm_head).
 4. packing  real tokens / token slots of sft's global best-fit-decreasing plan vs TRL's
             pack_dataset (also BFD, but applied per datasets.map batch of 1000 examples).
+
+What is not the same on both sides, and why:
+- Rows per optimizer step and steps are equal, but each trainer shuffles its own packed rows, so
+  the tokens of a step differ slightly: throughput is real tokens / s, never steps / s.
+- TRL's padding_free joins a micro-batch's rows into one row; on CPU (sdpa, mask derived from
+  position_ids) attention then costs (rows x max_length)^2 instead of rows x max_length^2. The
+  default --micro-rows 1 gives both sides the same shapes; --micro-rows 4 measures that cost too.
+- On CPU, TRL's fused LM head scores every position (its target-only path needs Triton on
+  CUDA/XPU), so part 3's TRL numbers describe CPU runs, not GPU ones.
+- sft drops conversations longer than max_length and TRL's bfd truncates them: the synthetic data
+  is written without them, so both train on the same documents.
 """
 
 from __future__ import annotations
@@ -110,8 +121,10 @@ def arch(a) -> dict:
 
 
 def steady_rate(tokens: list[int], seconds: list[float], warmup: int) -> float:
-    """Real tokens / s over the steps after the first `warmup` (first steps pay allocator and thread-pool start-up)."""
-    return sum(tokens[warmup:]) / sum(seconds[warmup:])
+    """Median over the steps after the first `warmup` of real tokens / s (the first steps pay allocator and
+    thread-pool start-up). A median, not a total, so that a few steps slowed by other work on a shared
+    machine do not decide the result."""
+    return statistics.median(t / s for t, s in zip(tokens[warmup:], seconds[warmup:]))
 
 
 def sft_train(a, data: Path, work: Path, rep: int) -> dict:
@@ -260,7 +273,7 @@ def _rss_gb() -> float:
 def loss_bench(a, work: Path) -> list[str]:
     variants = ["sft", "full", "trl"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for rep in range(a.repeats):
+    for rep in range(a.loss_repeats):
         for v in (variants if rep % 2 == 0 else variants[::-1]):
             w = {"variant": v, "vocab": a.loss_vocab, "hidden": a.loss_hidden, "tokens": a.loss_tokens}
             log = work / f"loss-{v}-{rep}.log"
@@ -274,7 +287,7 @@ def loss_bench(a, work: Path) -> list[str]:
         f"3. loss layer: vocab {a.loss_vocab}, hidden {a.loss_hidden}, one row of {a.loss_tokens} tokens, "
         f"{runs['sft'][0]['targets']} targets ({runs['sft'][0]['targets'] / a.loss_tokens:.0%}); fp32 logits would be "
         f"{logits_gb:.2f} GiB",
-        f"   {'variant':<44} {'peak RSS above start':>21} {'fwd+bwd s':>10} {'loss':>8}   (this machine, median of {a.repeats})",
+        f"   {'variant':<44} {'peak RSS above start':>21} {'fwd+bwd s':>10} {'loss':>8}   (this machine, median of {a.loss_repeats})",
     ]
     names = {"sft": "sft ChunkedLossLM (targets only, chunks)", "full": "transformers model(labels=...) (full logits)",
              "trl": "TRL fused LM head (as SFTTrainer installs it)"}
@@ -363,17 +376,18 @@ def train_bench(a, data: Path, work: Path) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parts", default="train,loss,packing", help="comma-separated subset of train,loss,packing")
-    p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; medians are reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved; medians are reported")
     p.add_argument("--conversations", type=int, default=2000, help="synthetic conversations")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=264, help="model vocabulary (the tiny tokenizer has 264 tokens)")
-    p.add_argument("--rows-per-step", type=int, default=4, help="packed rows of max_length per optimizer step")
+    p.add_argument("--rows-per-step", type=int, default=8, help="packed rows of max_length per optimizer step")
     p.add_argument("--micro-rows", type=int, default=1, help="rows per forward pass (both sides)")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--loss-repeats", type=int, default=2, help="runs per loss-layer variant")
     p.add_argument("--loss-vocab", type=int, default=128256)
     p.add_argument("--loss-hidden", type=int, default=256)
     p.add_argument("--loss-tokens", type=int, default=4096)
@@ -386,6 +400,7 @@ def main() -> None:
         return
     if a.rows_per_step % a.micro_rows:
         p.error("--rows-per-step must be a multiple of --micro-rows")
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     parts = set(a.parts.split(","))
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sft-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -409,6 +424,8 @@ def main() -> None:
         sets = [("synthetic chats (this run's)", data), ("bundled demo conversations", DEMO_DATA)]
         report += packing_bench(a, sets, [a.max_length, 4 * a.max_length])
     print("\n".join(report))
+    print(f"load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"{time.perf_counter() - t0:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -119,3 +119,14 @@ def test_wandb_offline_without_key_and_secrets_stay_out(tmp_path):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
     assert secret not in res.stdout + res.stderr
+
+
+def test_demo_score_rises(tmp_path):
+    """The embedded demo, shortened: exact match on held-out prompts is higher after training than before."""
+    out = tmp_path / "demo"
+    res = run_cli([f"run.output_dir={out}", "train.max_steps=80", "eval.every=0", "eval.score_prompts=34", "checkpoint.every=0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["demo_exact_match_before"] == 0.0
+    assert summary["demo_exact_match_after"] >= 0.2, summary
+    assert "demo exact match after training" in res.stdout + res.stderr
