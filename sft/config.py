@@ -133,7 +133,7 @@ def validate(cfg: SFTConfig, world: int) -> int:
         raise SFTError("train.micro_batch_size and train.global_batch_size must be >= 1")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise SFTError(f"run.resume={cfg.run.resume}: no such checkpoint or run directory")
-    if cfg.peft.method != "none" and cfg.parallelism.strategy == "zero3" and cfg.peft.method == "qlora":
+    if cfg.peft.method == "qlora" and cfg.parallelism.strategy == "zero3":
         raise SFTError("peft=qlora with parallelism=zero3 is not supported; use fsdp or lora")
     return derive_accumulation(cfg.train, world)
 
