@@ -2,7 +2,8 @@
 
 Tolerances: FSDP2 in fp32 differs from one process only by the order of the gradient reduction
 (observed ~1e-7 after 4 steps); ZeRO-3 also keeps fp32 partitions and reduces in buckets (same order
-of magnitude). Both are asserted at 1e-5 on the weights after 4 AdamW steps at lr 3e-3.
+of magnitude). Both are asserted at 1e-5 on the weights after 4 AdamW steps at lr 3e-3; LoRA adapters
+under ZeRO-3 at 2e-4 (see the test).
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ def test_lora_sharded_equals_single_and_resumes(strategy, lora_single, tmp_path)
     ok(torchrun([*LORA, f"parallelism={strategy}", f"run.output_dir={run}"]))
     adapter = weights(run, "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
-    assert_same(adapter, weights(lora_single, "adapter_model.safetensors"))
+    # LoRA B starts at zero, so early AdamW updates normalise gradients that are mostly rounding noise:
+    # ZeRO-3's bucketed reduction order shows up at ~5e-5 after 4 steps at lr 1e-2 (FSDP2: ~5e-6).
+    assert_same(adapter, weights(lora_single, "adapter_model.safetensors"), atol=2e-4 if strategy == "zero3" else ATOL)
     ckpt = run / "checkpoints" / "step-000004"
     if strategy == "fsdp":  # the DCP checkpoint holds adapter tensors (and their optimizer state) only
         keys = [k for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith("model.")]
