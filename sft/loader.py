@@ -24,6 +24,7 @@ class MicroBatch:
     num_target: int
     # Only for varlen kernels (flash attention): cumulative document lengths of the flattened batch.
     attn_kwargs: dict = field(default_factory=dict)
+    attention_pairs: int = 0  # sum of l(l+1)/2 over documents: the attention term of the step's FLOPs
 
     def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, **self.attn_kwargs}
@@ -81,4 +82,5 @@ def collate(rows: list[Row], split: Split, pad_id: int, varlen: bool = False) ->
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
             "max_length_q": max(doc_lengths), "max_length_k": max(doc_lengths),
         }
-    return MicroBatch(input_ids, position_ids, labels, num_tokens, int((labels != IGNORE_INDEX).sum()), attn_kwargs)
+    pairs = sum(k * (k + 1) // 2 for k in doc_lengths)
+    return MicroBatch(input_ids, position_ids, labels, num_tokens, int((labels != IGNORE_INDEX).sum()), attn_kwargs, pairs)

@@ -2,10 +2,13 @@
 
 Only positions with a target go through the output layer, a chunk at a time, and each chunk's
 logits are recomputed in backward instead of kept: with a 128k vocabulary the full
-(tokens x vocab) fp32 logits would otherwise be the largest tensor of the step.
+(tokens x vocab) fp32 logits would otherwise be the largest tensor of the step. The chunk is sized
+in bytes for the model's vocabulary, so a 151k-vocabulary model holds no more logits than a small one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,19 @@ from torch.utils.checkpoint import checkpoint
 from sft.errors import SFTError
 from sft.model import causal_lm
 from sft.templating import IGNORE_INDEX
+
+# Bytes one target token costs in a chunk at its peak: fp32 logits, their log-softmax and, in
+# backward, the fp32 gradient of the logits (the compute-dtype copies are smaller than any of these).
+LOGIT_BYTES_PER_VOCAB_ENTRY = 3 * 4
+
+
+def loss_chunk_tokens(vocab_size: int, budget_mb: float) -> int:
+    """Target tokens per output-layer chunk so that one chunk's logits stay within `budget_mb`."""
+    return max(16, int(budget_mb * 2**20) // (LOGIT_BYTES_PER_VOCAB_ENTRY * vocab_size))
+
+
+def chunks_needed(num_target: int, chunk_tokens: int) -> int:
+    return max(1, math.ceil(num_target / chunk_tokens))
 
 
 def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,18 +62,32 @@ class ChunkedLossLM(nn.Module):
         out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
         return out.last_hidden_state
 
-    def forward(self, input_ids, position_ids, labels=None, **attn_kwargs) -> torch.Tensor:
-        """Summed token loss; without labels, the full logits (small inputs only: the probe and tests)."""
+    def forward(self, input_ids, position_ids, labels=None, target_index=None, num_chunks=None, **attn_kwargs) -> torch.Tensor:
+        """Summed token loss; without labels, the full logits (small inputs only: the probe and tests).
+
+        `target_index`: positions (in the flattened batch) that have a target, computed on the host
+        by the loader, so that selecting them needs no device-to-host synchronisation.
+        `num_chunks`: how many output-layer calls to make. Sharded engines gather the output layer's
+        weights at every call (ZeRO-3), so all ranks must make the same number of calls even when
+        their target counts differ: the loop passes the largest count over ranks; empty chunks are
+        real calls on zero rows. Without it, ranks agree here with a collective (eval, tests).
+        """
         hidden = self.hidden_states(input_ids, position_ids, **attn_kwargs)
         if labels is None:
             return self.lm.get_output_embeddings()(hidden).float()
-        target_mask = labels != IGNORE_INDEX
-        h = hidden[target_mask]
-        y = labels[target_mask]
+        flat_labels = labels.reshape(-1)
+        if target_index is None:
+            target_index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        n = int(target_index.shape[0])
+        if num_chunks is None:
+            num_chunks = agreed_chunk_counts([chunks_needed(n, self.chunk_size)])[0]
+        chunk = max(self.chunk_size, math.ceil(n / num_chunks))
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        y = flat_labels.index_select(0, target_index)
         lm_head = self.lm.get_output_embeddings()
         total = hidden.sum() * 0.0  # keeps the graph (and FSDP's backward hooks) alive when no target is present
-        for start in range(0, h.shape[0], self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
+        for c in range(num_chunks):
+            sl = slice(c * chunk, (c + 1) * chunk)
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_loss_sum, lm_head, h[sl], y[sl], use_reentrant=False)
             else:
@@ -69,29 +99,74 @@ class ChunkedLossLM(nn.Module):
         return self(input_ids, position_ids, **attn_kwargs)
 
 
-def check_document_isolation(module: ChunkedLossLM, vocab_size: int, device, atol: float = 1e-4) -> float:
-    """Run two documents packed in one row and each alone; refuse to train if the packed logits differ.
+def agreed_chunk_counts(local: list[int]) -> list[int]:
+    """The per-micro-batch maximum over ranks (identity on one process)."""
+    import torch.distributed as dist
 
-    The isolation depends on details (no attention_mask, cache off, backend) that a library
-    upgrade or a model's custom code can change without a warning, so every packed run proves it.
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(local)
+    t = torch.tensor(local, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.cpu().tolist()]
+
+
+class _ProbeDocs:
+    """Four documents shaped like a data split, so the probe goes through the loader's collate."""
+
+    def __init__(self, docs: list[torch.Tensor]):
+        self.docs = docs
+
+    def example(self, i: int):
+        ids = self.docs[i].numpy()
+        return ids, ids.copy()
+
+
+def check_document_isolation(module: ChunkedLossLM, vocab_size: int, device, varlen: bool = False,
+                             numeric: bool = True, atol: float = 1e-4) -> float:
+    """Prove that packed documents do not see each other, through the collate + forward path training uses.
+
+    The isolation depends on details (no attention_mask, cache off, backend, varlen arguments) that a
+    library upgrade or a model's custom code can change without a warning, so every packed run proves it.
+    The criterion holds in any dtype and on any kernel: changing the first document's tokens must leave
+    the second document's logits bitwise unchanged (and the reverse, which causality demands). With
+    `numeric` (fp32 compute) the packed logits must also equal each document run alone within `atol`;
+    in bf16 different kernels for the packed and the alone call differ at bf16 resolution by design.
+    Returns the largest packed-vs-alone difference (0.0 when not `numeric`).
     """
+    from sft.loader import collate
+
     gen = torch.Generator().manual_seed(1234)
-    a = torch.randint(3, vocab_size, (7,), generator=gen)
-    b = torch.randint(3, vocab_size, (5,), generator=gen)
-    packed_ids = torch.cat([a, b])[None].to(device)
-    packed_pos = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    a, b = torch.randint(3, vocab_size, (9,), generator=gen), torch.randint(3, vocab_size, (6,), generator=gen)
+    a_changed, b_changed = torch.randint(3, vocab_size, (9,), generator=gen), torch.randint(3, vocab_size, (6,), generator=gen)
+    docs = _ProbeDocs([a, b, a_changed, b_changed])
+
+    def logits(rows):
+        mb = collate(rows, docs, pad_id=0, varlen=varlen)
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.model_inputs().items()}
+        out = module.logits(**inputs)
+        return out.reshape(-1, out.shape[-1])[: mb.num_tokens]
+
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        packed = module.logits(packed_ids, packed_pos)[0]
-        alone_a = module.logits(a[None].to(device), torch.arange(7)[None].to(device))[0]
-        alone_b = module.logits(b[None].to(device), torch.arange(5)[None].to(device))[0]
+        ab, a2b, ab2 = logits([[0, 1]]), logits([[2, 1]]), logits([[0, 3]])
+        alone = (logits([[0]]), logits([[1]])) if numeric else None
     module.train(was_training)
-    diff = max((packed[:7] - alone_a).abs().max().item(), (packed[7:] - alone_b).abs().max().item())
+    backend = module.lm.config._attn_implementation
+    if not torch.equal(ab[9:], a2b[9:]):
+        raise SFTError(
+            f"packed documents attend to each other (changing one document changed the next one's logits by "
+            f"{(ab[9:] - a2b[9:]).abs().max().item():.3g}) with attn_implementation={backend!r}; refusing to train packed. "
+            "Use packing=off or a backend that isolates documents.")
+    if not torch.equal(ab[:9], ab2[:9]):
+        raise SFTError(f"attention is not causal with attn_implementation={backend!r}: a later document changed an earlier one's logits")
+    if not numeric:
+        return 0.0
+    diff = max((ab[:9] - alone[0]).abs().max().item(), (ab[9:] - alone[1]).abs().max().item())
     if not diff <= atol:
         raise SFTError(
-            f"packed documents attend to each other (logit difference {diff:.3g} > {atol}) with "
-            f"attn_implementation={module.lm.config._attn_implementation!r}; refusing to train packed. "
-            "Use packing=off or a backend that isolates documents."
-        )
+            f"packed documents attend to each other (logit difference {diff:.3g} > {atol} from each document alone) with "
+            f"attn_implementation={backend!r}; refusing to train packed. Use packing=off or a backend that isolates documents.")
     return diff

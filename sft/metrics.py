@@ -93,20 +93,45 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 class Throughput:
-    """Tokens/s, model FLOPs utilisation and peak memory since the last call."""
+    """Tokens/s and MFU over all steps since the last log event, whatever train.log_every is.
 
-    def __init__(self, flops_per_token: float, peak_flops: float):
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.t = time.perf_counter()
+    MFU per GPU = tokens/s per GPU x FLOPs per token / peak FLOPs of one GPU, with FLOPs from
+    sft.flops (the same formula sft-plan uses), so every backend and world size reports the same
+    figure for the same work. Only the time from `start_step()` to `add()` counts, so evaluation
+    and checkpoint writes between steps do not lower the figure; a log step reads the loss, which
+    waits for the device, so the queued work of the logged steps is inside the measured time.
+    """
 
-    def tick(self, tokens: float) -> dict:
-        now = time.perf_counter()
-        dt, self.t = max(now - self.t, 1e-9), now
-        tps = tokens / dt
-        out = {"tokens_per_s": tps, "mem_gb": peak_memory_gb()}
-        if self.peak_flops > 0:
-            out["mfu"] = tps * self.flops_per_token / self.peak_flops
+    def __init__(self, flops, world: int, peak_flops_per_gpu: float):
+        self.flops = flops
+        self.world = world
+        self.peak = peak_flops_per_gpu
+        self.restart()
+
+    def restart(self) -> None:
+        self.seconds = 0.0
+        self.tokens = 0.0
+        self.model_flops = 0.0
+        self.started = None
+
+    def start_step(self) -> None:
+        self.started = time.perf_counter()
+
+    def add(self, tokens: float, attention_pairs: float) -> None:
+        self.seconds += time.perf_counter() - (self.started or time.perf_counter())
+        self.started = None
+        self.tokens += tokens
+        self.model_flops += self.flops.step_flops(tokens, attention_pairs)
+
+    def read(self) -> dict:
+        """Figures since the last read, including the device time of reading the loss just before this call."""
+        from sft.flops import mfu
+
+        dt = max(self.seconds, 1e-9)
+        out = {"tokens_per_s": self.tokens / dt, "tokens_per_s_per_gpu": self.tokens / dt / self.world, "mem_gb": peak_memory_gb()}
+        if self.peak > 0:
+            out["mfu"] = mfu(self.model_flops, dt, self.world, self.peak)
+        self.restart()
         return out
 
 

@@ -9,15 +9,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sft.errors import SFTError
 from sft.loader import MicroBatch
 from sft.optim import OptimConfig, build_optimizer, build_scheduler, param_groups
+from sft.parallel import EngineSpec, Precision, TrainEngine, to_device
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "zero3"
+_DS_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def deepspeed_config(par, optim_cfg: OptimConfig, micro_rows: int, accumulation: int, world: int) -> dict:
-    """The whole DeepSpeed config, derived: batch sizes from train.*, precision and offload from parallelism.*."""
+def deepspeed_config(spec: EngineSpec, precision: Precision) -> dict:
+    """The whole DeepSpeed config, derived: batch sizes from train.*, precision and offload from parallelism.*.
+
+    bf16 compute keeps fp32 master weights and AdamW moments in DeepSpeed's optimizer (its bf16 mode);
+    gradients are reduced and accumulated in parallelism.reduce_dtype.
+    """
+    par, optim_cfg = spec.parallel, spec.optim
     zero = {
         "stage": 3,
         "overlap_comm": torch.cuda.is_available(),
@@ -31,14 +39,15 @@ def deepspeed_config(par, optim_cfg: OptimConfig, micro_rows: int, accumulation:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     cfg = {
-        "train_micro_batch_size_per_gpu": micro_rows,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro_rows * accumulation * world,
+        "train_micro_batch_size_per_gpu": spec.micro_rows,
+        "gradient_accumulation_steps": spec.accumulation,
+        "train_batch_size": spec.micro_rows * spec.accumulation * spec.world,
         # DeepSpeed clips at 1.0 unless told otherwise: always state it.
         "gradient_clipping": float(optim_cfg.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": par.param_dtype == "bfloat16"},
-        "fp16": {"enabled": par.param_dtype == "float16"},
+        "bf16": {"enabled": precision.compute == torch.bfloat16},
+        "communication_data_type": _DS_DTYPE[precision.reduce],
+        "data_types": {"grad_accum_dtype": _DS_DTYPE[precision.reduce]},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -51,7 +60,7 @@ def deepspeed_config(par, optim_cfg: OptimConfig, micro_rows: int, accumulation:
 
 
 @contextlib.contextmanager
-def zero_init_scope(par, optim_cfg: OptimConfig, total_steps: int, device, world: int, micro_rows: int, accumulation: int):
+def zero_init_scope(spec: EngineSpec, precision: Precision):
     """While open, transformers builds and loads models partitioned (deepspeed.zero.Init): no rank holds a full copy.
 
     Closed right after the model is built: a live HfDeepSpeedConfig would put every later model
@@ -64,51 +73,50 @@ def zero_init_scope(par, optim_cfg: OptimConfig, total_steps: int, device, world
 
     # DeepSpeed's config reads the world size from its own comm layer: attach it to our process group first.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
-    keep = HfDeepSpeedConfig(deepspeed_config(par, optim_cfg, micro_rows, accumulation, world))
+    keep = HfDeepSpeedConfig(deepspeed_config(spec, precision))
     try:
         yield keep
     finally:
         unset_hf_deepspeed_config()
 
 
-class ZeroEngine:
-    def __init__(self, module: nn.Module, par, optim_cfg: OptimConfig, total_steps: int, device, world: int,
-                 micro_rows: int, accumulation: int):
+class ZeroEngine(TrainEngine):
+    def __init__(self, module: nn.Module, spec: EngineSpec, precision: Precision, device):
         import deepspeed
 
-        self.ds_config = deepspeed_config(par, optim_cfg, micro_rows, accumulation, world)
-        self.world = world
-        self.accumulation = accumulation
+        optim_cfg = spec.optim
+        self.ds_config = deepspeed_config(spec, precision)
+        self.world = spec.world
+        self.accumulation = spec.accumulation
         self.device = device
-        if par.cpu_offload:
+        self.precision = precision
+        if spec.parallel.cpu_offload:
             optimizer, params = None, param_groups(module, optim_cfg.weight_decay)
-            scheduler = lambda opt: build_scheduler(opt, optim_cfg, total_steps)  # noqa: E731
+            scheduler = lambda opt: build_scheduler(opt, optim_cfg, spec.total_steps)  # noqa: E731
         else:
-            optimizer, params = build_optimizer(module, optim_cfg), None
-            scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+            optimizer, params = build_optimizer(module, optim_cfg, device), None
+            scheduler = build_scheduler(optimizer, optim_cfg, spec.total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=self.ds_config)
         self.module = module  # DeepSpeed's hooks gather parameters for any forward through it
-        self._grad_norm = 0.0
 
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def forward_backward(self, mb: MicroBatch, scale: float, last_micro: bool) -> float:
-        inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.model_inputs().items()}
-        loss_sum = self.ds(labels=mb.labels.to(self.device), **inputs)
+    def forward_backward(self, mb: MicroBatch, scale: float, last_micro: bool, num_chunks: int | None = None) -> torch.Tensor:
+        loss_sum = self.ds(**to_device(mb, self.device), num_chunks=num_chunks)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         self.ds.backward(loss_sum * (scale * self.world * self.accumulation))
-        self.ds.step()  # applies the update (clip, optimizer, scheduler) only at the accumulation boundary
-        return float(loss_sum.detach())
+        if not last_micro:
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); before the boundary it updates nothing
+        return loss_sum.detach()
 
-    def clip_and_step(self) -> float:
+    def clip_and_step(self) -> torch.Tensor:
+        """At the accumulation boundary DeepSpeed's step clips (gradient_clipping), updates and steps the schedule."""
+        self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-    def module_for_export(self) -> nn.Module:
-        return self.module.model
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
     def iter_full_tensors(self, trainable_only: bool = False):
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
@@ -128,6 +136,4 @@ class ZeroEngine:
         path, _ = self.ds.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            from sft.errors import SFTError
-
             raise SFTError(f"{directory}: no DeepSpeed ZeRO-3 state in this checkpoint (was it written by another backend?)")

@@ -13,7 +13,7 @@ from sft.loader import collate
 from sft.loss import ChunkedLossLM, check_document_isolation
 from sft.optim import OptimConfig
 from sft.packing import best_fit_decreasing, plan_epoch
-from sft.parallel import Engine
+from sft.parallel import Engine, ParallelConfig, precision_of
 from sft.templating import IGNORE_INDEX
 from sft.train import accumulate_gradients
 
@@ -115,9 +115,10 @@ def test_accumulation_invariance(tokenizer, packing):
         plan = plan_epoch(rows, split.lengths, seed=0, epoch=0, global_rows=4, micro_rows=micro_rows)
         micro = [collate(r, split, tokenizer.pad_token_id) for r in plan.micro_batches(0, rank=0, world=1)]
         assert len(micro) == 4 // micro_rows
-        engine = Engine(ChunkedLossLM(tiny_model(tokenizer)), OptimConfig(), 10, torch.device("cpu"), world=1, ddp=False)
-        loss, targets, _ = accumulate_gradients(engine, micro)
-        results.append((loss, targets, grads(engine.module)))
+        engine = Engine(ChunkedLossLM(tiny_model(tokenizer)), precision_of(ParallelConfig(), "float32"), OptimConfig(), 10,
+                        torch.device("cpu"), world=1, ddp=False)
+        totals = accumulate_gradients(engine, micro)
+        results.append((totals.global_loss(), totals.targets, grads(engine.module)))
     base_loss, base_targets, base_grads = results[0]
     for loss, targets, g in results[1:]:
         assert targets == base_targets
