@@ -20,6 +20,7 @@ from sft.checkpoint import CheckpointConfig
 from sft.data import DataConfig, validate_data_config
 from sft.errors import SFTError
 from sft.evaluate import EvalConfig
+from sft.memory import ClusterConfig, PlanConfig
 from sft.metrics import SECRET_ENV, LoggingConfig
 from sft.model import ModelConfig, PeftConfig, asset_path, validate_model_config
 from sft.optim import OptimConfig, validate_optim_config
@@ -35,19 +36,24 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "${oc.env:SFT_OUTPUT_DIR,runs/${run.name}/${sft_run_id:}}"
     seed: int = 0
-    resume: str = "auto"  # auto: continue from checkpoints/LATEST if present | never | PATH to a checkpoint or run dir
+    # auto: continue from checkpoints/LATEST if present | never | PATH to a checkpoint or run dir |
+    # force: like auto, but continue even if the trajectory settings changed (recorded in metrics.jsonl)
+    resume: str = "auto"
     demo: bool = False  # score generated answers before and after training
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 32  # rows (packed sequences of <= data.max_length tokens) per optimizer step, all ranks
-    micro_batch_size: int = 8  # rows per forward pass on one rank
+    micro_batch_size: int = 1  # rows per forward pass on one rank; the rest of the global batch is accumulation
     max_steps: int = -1  # optimizer steps; -1 trains `epochs` full passes
     epochs: int = 1
     log_every: int = 1
-    loss_chunk_size: int = 1024  # target tokens per output-layer chunk
+    # Bytes of fp32 logits (with their softmax and gradient) one output-layer chunk may hold; the chunk's
+    # token count follows from the vocabulary (sft.loss.loss_chunk_tokens): ~170 tokens at 128k, ~24k at 264.
+    loss_chunk_mb: float = 256.0
     check_isolation: bool = True  # the packed-vs-alone probe at start-up
+    skip_memory_check: bool = False  # start even if the memory plan (sft.memory) predicts the GPUs are too small
     peak_tflops: float = 0.0  # per device, for MFU; 0 leaves MFU out
 
 
@@ -64,6 +70,8 @@ class SFTConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # what sft.plan plans for
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _run_id() -> str:
@@ -110,11 +118,14 @@ def to_object(cfg: DictConfig) -> SFTConfig:
 
 
 def derive_accumulation(train: TrainConfig, world: int) -> int:
+    """Micro-steps per optimizer step: the global batch split over `world` ranks of micro_batch_size rows."""
     per_step = train.micro_batch_size * world
     if train.global_batch_size % per_step:
+        fit = -(-train.global_batch_size // per_step) * per_step  # the next multiple up
         raise SFTError(
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={train.micro_batch_size} x {world} processes"
+            f"train.micro_batch_size={train.micro_batch_size} x {world} processes; set train.global_batch_size to a "
+            f"multiple of {per_step} (e.g. {fit})"
         )
     return train.global_batch_size // per_step
 
@@ -122,16 +133,16 @@ def derive_accumulation(train: TrainConfig, world: int) -> int:
 def validate(cfg: SFTConfig, world: int) -> int:
     """Cross-key checks; returns gradient accumulation steps. Runs before any data or model work."""
     validate_optim_config(cfg.optim)
-    validate_parallel_config(cfg.parallelism, world)
+    validate_parallel_config(cfg.parallelism, world, cfg.model.dtype)
     validate_data_config(cfg.data)
-    validate_model_config(cfg.model, cfg.peft, packing_on=cfg.packing.strategy != "off")
+    validate_model_config(cfg.model, cfg.peft, packing_on=cfg.packing.strategy != "off", max_length=cfg.data.max_length)
     if cfg.packing.strategy not in ("bfd", "off"):
         raise SFTError(f"packing.strategy={cfg.packing.strategy!r}: expected bfd or off")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1 or cfg.train.epochs < 1:
         raise SFTError("train.max_steps must be positive (or -1 to train train.epochs epochs) and train.epochs >= 1")
     if cfg.train.micro_batch_size < 1 or cfg.train.global_batch_size < 1:
         raise SFTError("train.micro_batch_size and train.global_batch_size must be >= 1")
-    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
+    if cfg.run.resume not in ("auto", "never", "force") and not Path(cfg.run.resume).exists():
         raise SFTError(f"run.resume={cfg.run.resume}: no such checkpoint or run directory")
     if cfg.peft.method == "qlora" and cfg.parallelism.strategy == "zero3":
         raise SFTError("peft=qlora with parallelism=zero3 is not supported; use fsdp or lora")
@@ -155,10 +166,55 @@ def redact(obj):
     return obj
 
 
-def config_hash(cfg: SFTConfig) -> str:
-    """Hash of what decides the trained weights (not where they are written or how often they are saved)."""
-    d = plain_dict(cfg)
-    for key in ("run", "checkpoint", "logging"):
-        d.pop(key, None)
-    d["train"].pop("max_steps", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+# What never changes the trained weights' path: where and how often things are written or evaluated,
+# how the work is split over processes (batch sizes are global, the loss is topology-invariant), how far
+# the run goes, and where the data cache lives. Everything else (optim, global batch, model, data,
+# packing, seed, max_length, peft) is the trajectory that a resume must not change silently.
+NOT_TRAJECTORY = (
+    "run.name", "run.output_dir", "run.resume", "run.demo", "checkpoint", "logging", "eval", "parallelism", "cluster", "plan",
+    "train.max_steps", "train.epochs", "train.log_every", "train.micro_batch_size", "train.loss_chunk_mb",
+    "train.check_isolation", "train.skip_memory_check", "train.peak_tflops", "data.name", "data.cache_dir", "data.prepared", "data.num_proc",
+    "model.attn_implementation", "model.activation_checkpointing",
+)
+
+
+def trajectory(cfg: SFTConfig | dict) -> dict:
+    """The trajectory settings as flat dotted keys -> values (from a config or a plain config dict)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if any(prefix == k or prefix.startswith(k + ".") for k in NOT_TRAJECTORY):
+            return
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        else:
+            flat[prefix] = value
+
+    walk("", cfg if isinstance(cfg, dict) else plain_dict(cfg))
+    return flat
+
+
+def trajectory_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every trajectory key that differs between two trajectory() dicts.
+
+    A key present on one side only is a setting added to (or removed from) the schema since the
+    checkpoint was written, whose default keeps the old behaviour: not a change. List items
+    (`data.sources[2].path`) are the exception: one side having more of them is a change."""
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if (a is missing or b is missing) and "[" not in key:
+            continue
+        if a != b:
+            out.append(f"{key}: {'(unset)' if a is missing else a} -> {'(unset)' if b is missing else b}")
+    return out
+
+
+def config_hash(cfg: SFTConfig | dict) -> str:
+    """Hash of what decides the trained weights (see NOT_TRAJECTORY for what is left out)."""
+    return hashlib.sha256(json.dumps(trajectory(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]

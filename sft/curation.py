@@ -5,12 +5,14 @@ Two halves, because the data is large and tokenisation runs in worker processes:
   (content hash, repetition ratio, cut-off and refusal flags, a MinHash signature);
 - `decide` runs once in the main process over those numbers (numpy arrays, a few bytes per
   example) and returns one reason code per example.
-Every filter is off by default except the two that correctness needs (too long for a row, nothing
-left to train); each drop is attributed to the first filter, in FILTERS order, that rejects it.
+Every filter is off by default except the three that correctness needs (too long for a row, nothing
+left to train, a training copy of an eval example); each drop is attributed to the first filter, in
+FILTERS order, that rejects it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from sft.errors import SFTError
 
 # Order matters: a drop is counted against the first filter that rejects the example, and the
 # de-duplication filters come last so that the copy they keep is one that passed everything else.
-FILTERS = ("overlong", "no_target", "prompt_length", "response_length", "repetition", "cutoff", "refusal",
+FILTERS = ("overlong", "no_target", "eval_copy", "prompt_length", "response_length", "repetition", "cutoff", "refusal",
            "exact_duplicate", "near_duplicate")
 KEPT = -1
 
@@ -45,8 +47,12 @@ class FilterConfig:
     min_response_tokens: int = 0
     max_response_tokens: Optional[int] = None
     exact_dedup: bool = False  # drop conversations whose whitespace-normalised turns equal an earlier one
-    near_dedup: bool = False  # MinHash/LSH over word n-grams of the whole conversation (datasketch)
-    near_dedup_threshold: float = 0.85  # estimated Jaccard similarity at or above which two are duplicates
+    # Near-duplicates: Jaccard similarity of the sets of word n-grams of the user, assistant and tool
+    # turns (system prompts left out: one shared by many conversations is not what makes two alike).
+    # MinHash/LSH proposes candidates, tuned so that >= 99.9% of pairs at the threshold are proposed,
+    # and each candidate is checked on the exact n-gram sets.
+    near_dedup: bool = False
+    near_dedup_threshold: float = 0.85  # exact Jaccard similarity at or above which two examples are duplicates
     near_dedup_num_perm: int = 128
     near_dedup_ngram: int = 5
     # Degenerate loops: drop when, in some assistant turn, 1 - distinct/total word n-grams exceeds this.
@@ -114,14 +120,45 @@ def is_cut_off(answer: str) -> bool:
     return text[-1] in _OPEN_END or (text[-1].isalnum() and len(last_line.split()) >= 8)
 
 
-def minhash_signature(text: str, num_perm: int, ngram: int) -> np.ndarray:
-    from datasketch import MinHash
-
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """Sorted distinct 32-bit hashes of the text's word n-grams (a text shorter than n is one n-gram).
+    32 bits: two distinct n-grams of a pair collide with odds ~1e-6, far below what moves a threshold."""
     words = text.split()
-    shingles = {" ".join(words[i : i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
-    m = MinHash(num_perm=num_perm, seed=1)
-    m.update_batch([s.encode() for s in shingles])
-    return m.hashvalues.astype(np.uint32)  # 32-bit values under both the 2.x default scheme and 1.x
+    grams = {" ".join(words[i : i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
+    hashes = [int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in grams]
+    return np.unique(np.asarray(hashes, dtype=np.uint32))
+
+
+@functools.lru_cache(maxsize=4)
+def _seeds(num_perm: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 2**63, size=num_perm, dtype=np.uint64)[:, None]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of 64-bit integers whose outputs look independent for
+    different inputs. (A linear a*h + b mod p family is not enough here: its "permutations" order
+    32-bit inputs nearly alike, so LSH bands stop being independent and recall falls.)"""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def minhash_signature(shingles: np.ndarray, num_perm: int) -> np.ndarray:
+    """MinHash of a set of 32-bit hashes: for each of num_perm seeded hash functions, the smallest
+    value over the set (its top 32 bits). Two sets agree on one entry with probability = their
+    Jaccard similarity, independently from entry to entry."""
+    if not len(shingles):
+        return np.full(num_perm, 0xFFFFFFFF, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        values = _mix64(_seeds(num_perm) ^ shingles.astype(np.uint64)[None, :])
+    return (values.min(axis=1) >> np.uint64(32)).astype(np.uint32)
+
+
+def near_dedup_text(messages, text: str | None) -> str:
+    """What near-duplicate detection compares: every turn but the system prompt."""
+    if text is not None:
+        return text
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
 def example_features(messages, text: str | None, cfg: FilterConfig, refusal_re: re.Pattern | None) -> dict:
@@ -136,8 +173,9 @@ def example_features(messages, text: str | None, cfg: FilterConfig, refusal_re: 
     if refusal_re is not None:
         out["refusal"] = any(refusal_re.search(a) for a in answers)
     if cfg.near_dedup:
-        whole = text if text is not None else "\n".join(m["content"] for m in messages)
-        out["minhash"] = minhash_signature(whole, cfg.near_dedup_num_perm, cfg.near_dedup_ngram)
+        shingles = shingle_hashes(near_dedup_text(messages, text), cfg.near_dedup_ngram)
+        out["shingles"] = shingles
+        out["minhash"] = minhash_signature(shingles, cfg.near_dedup_num_perm)
     return out
 
 
@@ -156,14 +194,24 @@ class Decision:
     duplicate_of: dict  # example -> the kept example it duplicates (for the manifest's examples)
 
 
+class Sketches:
+    """Per-row MinHash signatures and exact n-gram sets, for near-duplicate detection. preprocess.py
+    reads them from the memory-mapped cache; tests build them from lists."""
+
+    def __init__(self, signature: Callable[[int], np.ndarray], shingles: Callable[[int], np.ndarray]):
+        self.signature = signature
+        self.shingles = shingles
+
+
 def decide(cols: dict, train_rows: np.ndarray, eval_rows: np.ndarray, cfg: FilterConfig, max_length: int,
-           signature: Callable[[int], np.ndarray] | None = None) -> Decision:
+           sketches: Sketches | None = None) -> Decision:
     """One reason code per example. Eval examples face only the correctness filters (an eval set
-    must not change with curation settings), but training copies of eval examples are removed by
-    the de-duplication filters: that is contamination, whatever else the settings say.
+    must not change with curation settings). Training copies of eval examples (same whitespace-
+    normalised text) are always removed, whatever the settings: that is contamination. With
+    near-dedup on, training near-copies of eval examples go too.
 
     `cols` holds numpy columns: num_tokens, num_target, prompt_tokens, overlong, content_hash, repetition, cutoff,
-    refusal. `signature(row)` returns the MinHash signature of a row (read from the memory-mapped table).
+    refusal. `sketches` gives each row's MinHash signature and n-gram set (read from the memory-mapped table).
     """
     n = len(cols["num_tokens"])
     reason = np.full(n, KEPT, dtype=np.int8)
@@ -180,6 +228,9 @@ def decide(cols: dict, train_rows: np.ndarray, eval_rows: np.ndarray, cfg: Filte
         _mark(reason, FILTERS.index(name), bad & both)
     train = np.zeros(n, dtype=bool)
     train[train_rows] = True
+    duplicate_of: dict = {}
+    ev = eval_rows[reason[eval_rows] == KEPT]
+    _eval_copies(cols["content_hash"], ev, train, reason, duplicate_of)
     length_bad = (prompt < cfg.min_prompt_tokens) | (prompt > (cfg.max_prompt_tokens or max_length))
     _mark(reason, FILTERS.index("prompt_length"), train & length_bad)
     length_bad = (resp < cfg.min_response_tokens) | (resp > (cfg.max_response_tokens or max_length))
@@ -191,23 +242,30 @@ def decide(cols: dict, train_rows: np.ndarray, eval_rows: np.ndarray, cfg: Filte
     flagged = cols["refusal"].astype(bool) & train
     if cfg.refusals == "drop":
         _mark(reason, FILTERS.index("refusal"), flagged)
-    duplicate_of: dict = {}
     # Candidates for de-duplication: every surviving eval example first (they are never dropped
     # here), then surviving training examples in dataset order, so the first copy is the one kept.
-    ev = eval_rows[reason[eval_rows] == KEPT]
     tr = np.sort(train_rows[reason[train_rows] == KEPT])
     if cfg.exact_dedup:
         _exact_duplicates(cols["content_hash"], ev, tr, reason, duplicate_of)
         tr = tr[reason[tr] == KEPT]
     if cfg.near_dedup:
-        if signature is None:
+        if sketches is None:
             raise SFTError("near de-duplication needs MinHash signatures")
-        _near_duplicates(ev, tr, signature, cfg, reason, duplicate_of)
+        _near_duplicates(ev, tr, sketches, cfg, reason, duplicate_of)
     return Decision(reason=reason, flagged=flagged, duplicate_of=duplicate_of)
 
 
 def _mark(reason: np.ndarray, code: int, bad: np.ndarray) -> None:
     reason[bad & (reason == KEPT)] = code
+
+
+def _eval_copies(hashes: np.ndarray, ev: np.ndarray, train: np.ndarray, reason: np.ndarray, duplicate_of: dict) -> None:
+    """Drop every training example whose normalised text equals a surviving eval example's."""
+    copies = np.flatnonzero(train & (reason == KEPT) & np.isin(hashes, hashes[ev]))
+    reason[copies] = FILTERS.index("eval_copy")
+    first_row = {int(hashes[r]): int(r) for r in ev[::-1].tolist()}
+    for row in copies[:64].tolist():
+        duplicate_of[row] = first_row[int(hashes[row])]
 
 
 def _exact_duplicates(hashes: np.ndarray, ev: np.ndarray, tr: np.ndarray, reason: np.ndarray, duplicate_of: dict) -> None:
@@ -223,31 +281,44 @@ def _exact_duplicates(hashes: np.ndarray, ev: np.ndarray, tr: np.ndarray, reason
         duplicate_of[row] = first_row[int(hashes[row])]
 
 
-def _near_duplicates(ev, tr, signature, cfg: FilterConfig, reason: np.ndarray, duplicate_of: dict) -> None:
-    """Query-then-insert over eval then training examples: a training example is dropped when the index
-    already holds one whose estimated Jaccard similarity reaches the threshold. LSH only proposes
-    candidates (it has false positives), so each is checked against the signatures themselves.
-    The index holds one entry per kept example."""
-    from datasketch import LeanMinHash, MinHashLSH
+def lsh_bands(num_perm: int, threshold: float, recall: float = 0.999) -> tuple[int, int]:
+    """(bands, rows per band) for LSH over `num_perm` MinHash values: the most rows per band (fewest
+    needless candidates) for which a pair of Jaccard similarity `threshold` shares at least one band
+    with probability >= `recall`: 1 - (1 - t^rows)^bands. Pairs above the threshold do better still."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
 
-    lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted sets of distinct hashes."""
+    if not len(a) and not len(b):
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def _near_duplicates(ev, tr, sketches: Sketches, cfg: FilterConfig, reason: np.ndarray, duplicate_of: dict) -> None:
+    """Query-then-insert over eval then training examples: a training example is dropped when a kept
+    one (or an eval example) has exact n-gram Jaccard similarity >= the threshold. LSH bands of the
+    MinHash signatures only propose candidates; the index holds one entry per kept example."""
+    bands, rows = lsh_bands(cfg.near_dedup_num_perm, cfg.near_dedup_threshold)
+    tables: list[dict] = [{} for _ in range(bands)]
     code = FILTERS.index("near_duplicate")
-    for rows, is_train in ((ev, False), (tr, True)):
-        for row in rows.tolist():
-            sig = signature(row)
-            mh = _lean_minhash(LeanMinHash, sig)
+    for group, is_train in ((ev, False), (tr, True)):
+        for row in group.tolist():
+            sig = sketches.signature(row)
+            keys = [sig[i * rows : (i + 1) * rows].tobytes() for i in range(bands)]
             if is_train:
-                similar = [h for h in sorted(lsh.query(mh)) if np.mean(signature(h) == sig) >= cfg.near_dedup_threshold]
-                if similar:
+                candidates = sorted({c for t, k in zip(tables, keys) for c in t.get(k, ())})
+                mine = sketches.shingles(row)
+                similar = next((c for c in candidates if jaccard(mine, sketches.shingles(c)) >= cfg.near_dedup_threshold), None)
+                if similar is not None:
                     reason[row] = code
                     if len(duplicate_of) < 256:
-                        duplicate_of[row] = similar[0]
+                        duplicate_of[row] = similar
                     continue
-            lsh.insert(row, mh, check_duplication=False)
-
-
-def _lean_minhash(cls, sig: np.ndarray):
-    try:  # datasketch >= 2.0 wants the permutation scheme of stored values named (its default is affine32)
-        return cls(seed=1, hashvalues=sig, scheme="affine32")
-    except TypeError:  # datasketch 1.x: one scheme, no such argument
-        return cls(seed=1, hashvalues=sig.astype(np.uint64))
+            for t, k in zip(tables, keys):
+                t.setdefault(k, []).append(row)

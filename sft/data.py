@@ -21,6 +21,7 @@ import numpy as np
 from sft import cache
 from sft.curation import FilterConfig, validate_filter_config
 from sft.errors import SFTError
+from sft.mixture import warn_upsampling
 from sft.templating import IGNORE_INDEX, resolve_eot_id
 
 log = logging.getLogger("sft.data")
@@ -44,9 +45,11 @@ class DataConfig:
     system_prompt: Optional[str] = None
     sources: List[SourceConfig] = field(default_factory=list)
     max_length: int = 256  # tokens per packed row, and the longest example kept
-    overlong: str = "drop"  # drop | truncate examples longer than max_length
-    eval_fraction: float = 0.05  # carved from each source before any filtering
-    eval_max: int = 256
+    # Conversations longer than max_length: split (at turn boundaries, each piece led by the system prompt and
+    # as much earlier conversation as fits, untrained; see sft/splitting.py) | drop | truncate.
+    overlong: str = "split"
+    eval_fraction: float = 0.05  # share of each source's records held out, carved before any filtering
+    eval_max: int = 256  # most eval examples carved from EACH source (a mixture of k sources holds up to k x eval_max)
     split_seed: int = 0
     mixture_size: Optional[int] = None  # total training examples of a weighted mixture (default: what the weighted sources hold)
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -124,8 +127,8 @@ def resolved_sources(cfg: DataConfig) -> list[SourceConfig]:
 
 
 def validate_data_config(cfg: DataConfig) -> None:
-    if cfg.overlong not in ("drop", "truncate"):
-        raise SFTError(f"data.overlong={cfg.overlong!r}: expected drop or truncate")
+    if cfg.overlong not in ("split", "drop", "truncate"):
+        raise SFTError(f"data.overlong={cfg.overlong!r}: expected split, drop or truncate")
     if cfg.max_length < 8:
         raise SFTError(f"data.max_length={cfg.max_length} is too small to hold any conversation")
     if not 0 <= cfg.eval_fraction < 1:
@@ -134,6 +137,11 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise SFTError(f"data.num_proc={cfg.num_proc} must be >= 1")
     if cfg.mixture_size is not None and cfg.mixture_size < 1:
         raise SFTError(f"data.mixture_size={cfg.mixture_size} must be >= 1")
+    if cfg.eval_max < 0:
+        raise SFTError(f"data.eval_max={cfg.eval_max} must be >= 0")
+    if cfg.mixture_size is not None and not any(s.weight is not None for s in resolved_sources(cfg)):
+        raise SFTError(f"data.mixture_size={cfg.mixture_size} is set but no data source has a weight to fill it with; "
+                       "give some sources a weight, or drop data.mixture_size")
     for i, src in enumerate(resolved_sources(cfg)):
         if src.weight is not None and src.count is not None:
             raise SFTError(f"data.sources[{i}]: set weight or count, not both")
@@ -169,7 +177,9 @@ def prepare_data(cfg: DataConfig, tokenizer, template: str | None, eot_token: st
     parts = _key_parts(cfg, tokenizer, template, eot_id)
     key = cache.key_of(parts)
     if cfg.prepared:
-        return open_prepared(Path(os.path.expanduser(cfg.prepared)), key, parts)
+        data = open_prepared(Path(os.path.expanduser(cfg.prepared)), key, parts)
+        _announce(data)
+        return data
     root = Path(os.path.expanduser(cfg.cache_dir))
     final = root / key
     built = False
@@ -181,7 +191,16 @@ def prepare_data(cfg: DataConfig, tokenizer, template: str | None, eot_token: st
                 built = True
     data = open_prepared(final, key, parts)
     data.built = built
+    _announce(data)
     return data
+
+
+def _announce(data: PreparedData) -> None:
+    """What every run on this data must hear, whether the cache was just built or reused."""
+    warn_upsampling(data.manifest.get("sources", []))
+    copies = data.manifest.get("filters", {}).get("eval_copy", {}).get("count", 0)
+    if copies:
+        log.info("%d training examples were copies of eval examples (same text) and were removed from training", copies)
 
 
 def build_into(cfg: DataConfig, tokenizer, template, eot_id: int, final: Path, key: str, parts: dict) -> None:

@@ -26,6 +26,14 @@ class EvalConfig:
     score_prompts: int = 64  # prompts scored by exact match at the start and end of the run
     max_new_tokens: int = 32
     early_stopping_patience: int = 0  # stop after this many evaluations without a new best eval loss (0: never)
+    # final/ holds the model of the best eval loss rather than the last step (always so with early
+    # stopping). Each new best is checkpointed when it happens, and that checkpoint is never pruned.
+    keep_best: bool = False
+
+
+def tracks_best(cfg: EvalConfig) -> bool:
+    """Whether final/ must be the best model: keep_best, or early stopping (whose last steps are worse)."""
+    return cfg.keep_best or cfg.early_stopping_patience > 0
 
 
 def eval_loss(engine, split: Split, cfg: EvalConfig, max_length: int, strategy: str, pad_id: int, varlen: bool) -> float:

@@ -86,14 +86,45 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _finish_model_dir(tmp: Path, hf_config, tokenizer, eot_id: int | None) -> None:
+def _eos_ids(*sources) -> list[int]:
+    """Every id named by the sources (ints, lists of ints or None), first occurrence first."""
+    out: list[int] = []
+    for src in sources:
+        for i in ([src] if isinstance(src, int) else list(src or [])):
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+    return out
+
+
+def generation_config_for(base, hf_config, tokenizer, eot_ids: list[int]):
+    """The generation config of an exported model: the base model's own (sampling defaults and all) when it
+    has one, with every end-of-turn token the run trained added to eos_token_id, so that generation
+    stops at the end of the answer; and use_cache on (training turns the cache off, generation needs it)."""
+    import copy
+
     from transformers import GenerationConfig
 
-    hf_config.save_pretrained(str(tmp))
-    gen = GenerationConfig.from_model_config(hf_config)
-    if eot_id is not None:
-        gen.eos_token_id = sorted({eot_id, tokenizer.eos_token_id})
+    gen = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(hf_config)
+    gen.eos_token_id = _eos_ids(gen.eos_token_id, tokenizer.eos_token_id, *eot_ids)
+    if tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
+    gen.use_cache = True
+    return gen
+
+
+def _inference_config(hf_config):
+    """A copy of the model config for inference: training sets use_cache=False on the live model, which
+    would make every generation from the export recompute the whole prefix at each token."""
+    import copy
+
+    cfg = copy.deepcopy(hf_config)
+    cfg.use_cache = True
+    return cfg
+
+
+def _finish_model_dir(tmp: Path, hf_config, tokenizer, eot_id: int | None, base_generation=None) -> None:
+    _inference_config(hf_config).save_pretrained(str(tmp))
+    gen = generation_config_for(base_generation, hf_config, tokenizer, [eot_id] if eot_id is not None else [])
     gen.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
 
@@ -112,12 +143,12 @@ def export_final(engine, tokenizer, run_dir: Path, eot_id: int, max_shard_bytes:
         adapter = dict(engine.iter_full_tensors(trainable_only=True))
         if D.rank() == 0:
             wrapped.save_pretrained(str(tmp), state_dict=adapter)
-            _finish_model_dir(tmp, lm.config, tokenizer, eot_id)
+            _finish_model_dir(tmp, lm.config, tokenizer, eot_id, getattr(lm, "generation_config", None))
             (tmp / "config.json").unlink()  # an adapter directory must not look like a full model
     else:
         write_tensors(engine.iter_full_tensors(), tmp, max_shard_bytes)
         if D.rank() == 0:
-            _finish_model_dir(tmp, lm.config, tokenizer, eot_id)
+            _finish_model_dir(tmp, lm.config, tokenizer, eot_id, getattr(lm, "generation_config", None))
     if D.rank() == 0:
         _replace_dir(tmp, final)
     D.barrier()
@@ -166,9 +197,22 @@ def export_checkpoint(run_dir: Path, checkpoint: Path, out_dir: Path, max_shard_
     write_tensors(tensors, tmp, max_shard_bytes)
     from sft.templating import resolve_eot_id
 
-    _finish_model_dir(tmp, build_hf_config(ModelConfig(**mcfg), tokenizer), tokenizer, resolve_eot_id(tokenizer, mcfg.get("eot_token")))
+    _finish_model_dir(tmp, build_hf_config(ModelConfig(**mcfg), tokenizer), tokenizer, resolve_eot_id(tokenizer, mcfg.get("eot_token")),
+                      _base_generation_config(mcfg.get("path")))
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _base_generation_config(path: str | None):
+    """The base checkpoint's generation_config.json, if it has one (a model built from config values has none)."""
+    if not path:
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def _run_section(run_dir: Path, key: str) -> dict:
@@ -194,12 +238,29 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None) -> 
         raise SFTError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
     base_model = _load_base(adapter_dir, base, HFPeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path)
     merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    # The base model's generation config knows nothing of the run's end-of-turn token: take it from the
+    # adapter directory (export_final wrote it there) and from the run's config.
+    merged.config.use_cache = True  # the base was built for training, with the cache off
+    merged.generation_config = generation_config_for(getattr(merged, "generation_config", None), merged.config, tokenizer,
+                                                     _trained_eos_ids(adapter_dir, tokenizer))
     tmp = out_dir.with_name(f".{out_dir.name}-partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _trained_eos_ids(adapter_dir: Path, tokenizer) -> list[int]:
+    ids: list[int] = []
+    if (adapter_dir / "generation_config.json").exists():
+        ids += _eos_ids(json.loads((adapter_dir / "generation_config.json").read_text()).get("eos_token_id"))
+    if (adapter_dir.parent / "config.yaml").exists():
+        from sft.templating import resolve_eot_id
+
+        ids += [resolve_eot_id(tokenizer, _run_model_config(adapter_dir.parent).get("eot_token"))]
+    return ids
 
 
 def _load_base(adapter_dir: Path, base: str | None, recorded: str | None):

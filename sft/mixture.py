@@ -7,6 +7,7 @@ curation setting and no upsampling can move an eval example into training.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Optional
 
@@ -17,12 +18,20 @@ from sft.errors import SFTError
 log = logging.getLogger("sft.data")
 
 
-def carve_eval(sizes: list[int], fraction: float, at_most: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def carve_eval(sizes: list[int], fraction: float, at_most: int, seed: int,
+               identities: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per source, (eval, train) local record indices. Eval keeps its random order (the first eval
-    examples are the ones printed and scored); train is in file order."""
-    rng = np.random.default_rng(seed)
+    examples are the ones printed and scored); train is in file order.
+
+    `at_most` caps each source's eval examples (data.eval_max is per source). Each source's draw is
+    seeded by (seed, its identity), never by its position or by the sources before it, so the same
+    file gives the same eval examples alone and in any mixture. The identity is a digest of the
+    source's content (not its path: moving the data keeps the cache, so it must keep the split too).
+    """
     out = []
-    for n in sizes:
+    for i, n in enumerate(sizes):
+        ident = identities[i] if identities is not None else str(i)
+        rng = np.random.default_rng([seed, int(hashlib.sha256(ident.encode()).hexdigest()[:15], 16)])
         order = rng.permutation(n)
         n_eval = min(at_most, int(round(fraction * n))) if n > 1 else 0
         out.append((order[:n_eval], np.sort(order[n_eval:])))
@@ -81,11 +90,17 @@ def mix(sources, kept: list[np.ndarray], mixture_size: Optional[int], seed: int)
     for i, (src, rows_i, n) in enumerate(zip(sources, kept, want)):
         if n > 0 and not len(rows_i):
             raise SFTError(f"data source {src.path}: {n} training examples requested but none is left after filtering")
-        if n > len(rows_i):
-            log.warning("data source %s: %d training examples requested, %d available after filtering: upsampling "
-                        "(each example used %.2f times on average)", src.path, n, len(rows_i), n / len(rows_i))
         picked = sample_source(rows_i, n, seed, i)
         rows.append(picked)
         report.append({"requested": int(n), "in_train": int(len(picked)), "upsampled": bool(n > len(rows_i)),
                        "repeats": round(n / len(rows_i), 3) if len(rows_i) else 0.0})
     return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), report
+
+
+def warn_upsampling(report: list[dict]) -> None:
+    """Warn about every upsampled source of a prepared dataset. Called each time a cache is opened
+    (built or reused), so a run on an existing cache still says that it repeats examples."""
+    for src in report:
+        if src.get("upsampled"):
+            log.warning("data source %s: %d training examples requested, %d available after filtering: upsampling "
+                        "(each example used %.2f times on average)", src["path"], src["requested"], src["kept"], src["repeats"])

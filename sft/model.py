@@ -6,7 +6,9 @@ see packed rows, and the start-up probe that proves documents do not attend to e
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +32,15 @@ class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; None builds the model from `arch`
     tokenizer: Optional[str] = None  # defaults to `path`
     model_type: str = "llama"
-    arch: Dict[str, Any] = field(default_factory=dict)  # transformers config values (also used by the preflight)
+    # With `path` unset: the transformers config values the model is built from. With `path` set, the
+    # checkpoint's config.json decides every field and these values are only a stand-in for what runs
+    # without the checkpoint at hand (the meta-device preflight of a Hub id that is not downloaded).
+    arch: Dict[str, Any] = field(default_factory=dict)
+    # Explicit changes to the checkpoint's config.json (or to `arch`), e.g. a longer max_position_embeddings.
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # The padding token when the tokenizer has none or pads with eos (Llama-3, Mistral, Qwen2.5 base): an
+    # unused special token of the vocabulary, never eos or the end-of-turn token (those must stay trainable).
+    pad_token: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype parameters are loaded in
     attn_implementation: str = "sdpa"
     chat_template: Optional[str] = None  # a .jinja file that replaces the tokenizer's template
@@ -53,7 +63,71 @@ def asset_path(name: str) -> str:
     return str(ASSETS / name)
 
 
-def validate_model_config(cfg: ModelConfig, peft: PeftConfig, packing_on: bool) -> None:
+def _looks_local(source: str) -> bool:
+    """A filesystem path rather than a Hub id ("org/name"): absolute, relative with ./ or ~, or deeper than org/name."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source)
+
+
+def _check_source(key: str, source: Optional[str]) -> None:
+    if source is not None and _looks_local(source) and not Path(source).expanduser().exists():
+        raise SFTError(f"{key}={source}: no such directory; give a local checkpoint directory or a Hub id (org/name)")
+
+
+def _checkpoint_config_dict(cfg: ModelConfig) -> Optional[dict]:
+    """config.json of a local model.path, checked; None for a Hub id (read by transformers when needed)."""
+    if cfg.path is None or not _looks_local(cfg.path):
+        return None
+    _check_source("model.path", cfg.path)
+    file = Path(cfg.path).expanduser() / "config.json"
+    if not file.is_file():
+        raise SFTError(f"model.path={cfg.path}: no config.json in it; point model.path at a Hugging Face model directory")
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SFTError(f"{file}: not valid JSON ({exc}); re-download or repair the checkpoint's config.json") from None
+    if not isinstance(values, dict):
+        raise SFTError(f"{file}: expected a JSON object of config values; re-download or repair it")
+    return values
+
+
+def context_length(cfg: ModelConfig) -> Optional[int]:
+    """max_position_embeddings the run will have: overrides, else the checkpoint's config.json, else `arch`."""
+    for values in (cfg.config_overrides, _checkpoint_config_dict(cfg) or {}, cfg.arch):
+        value = values.get("max_position_embeddings") or (values.get("text_config") or {}).get("max_position_embeddings")
+        if value:
+            return int(value)
+    return None
+
+
+def _check_peft(cfg: ModelConfig, peft: PeftConfig) -> None:
+    if peft.method == "none":
+        return
+    if peft.r < 1:
+        raise SFTError(f"peft.r={peft.r}: the LoRA rank must be a positive integer (e.g. peft.r=16)")
+    if peft.alpha <= 0:
+        raise SFTError(f"peft.alpha={peft.alpha} must be positive (the adapters are scaled by alpha / r; e.g. 2 x peft.r)")
+    if not 0.0 <= peft.dropout < 1.0:
+        raise SFTError(f"peft.dropout={peft.dropout} must be in [0, 1)")
+    if not peft.target_modules:
+        raise SFTError("peft.target_modules is empty; name the linear layers to adapt (e.g. [q_proj,v_proj])")
+    # Every name must match a linear layer: PEFT itself only fails when none does, so a typo in one of
+    # seven names would silently train fewer adapters. Checked on the meta-device skeleton: no weights.
+    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in _meta_model(cfg).named_modules() if isinstance(mod, torch.nn.Linear)})
+    missing = [t for t in peft.target_modules if t not in linear]
+    if missing:
+        raise SFTError(f"peft.target_modules: {', '.join(missing)} match no linear layer of the model; "
+                       f"its linear layers are {', '.join(linear)}")
+
+
+def validate_model_config(cfg: ModelConfig, peft: PeftConfig, packing_on: bool, max_length: Optional[int] = None) -> None:
+    """Everything about the model that can be checked before it is built (no weights are read)."""
+    _check_source("model.path", cfg.path)
+    _check_source("model.tokenizer", cfg.tokenizer)
+    if cfg.chat_template and not Path(cfg.chat_template).expanduser().is_file():
+        raise SFTError(f"model.chat_template={cfg.chat_template}: no such file; give a .jinja chat template file "
+                       f"(shipped ones: {', '.join(sorted(p.name for p in (ASSETS / 'templates').glob('*.jinja')))} in {ASSETS / 'templates'})")
+    if cfg.pad_token is not None and not cfg.pad_token:
+        raise SFTError("model.pad_token is empty; name an unused special token of the tokenizer, or leave it unset")
     if cfg.dtype not in DTYPES:
         raise SFTError(f"model.dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if packing_on and cfg.attn_implementation not in PACKING_SAFE_BACKENDS:
@@ -74,6 +148,11 @@ def validate_model_config(cfg: ModelConfig, peft: PeftConfig, packing_on: bool) 
         raise SFTError(f"peft.method={peft.method!r}: expected none, lora or qlora")
     if peft.method == "qlora" and not torch.cuda.is_available():
         raise SFTError("peft=qlora needs bitsandbytes 4-bit kernels on a CUDA GPU; use peft=lora on this machine")
+    limit = context_length(cfg)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise SFTError(f"data.max_length={max_length} is above the model's max_position_embeddings={limit} (positions it "
+                       f"never saw); lower data.max_length, or raise model.config_overrides.max_position_embeddings knowingly")
+    _check_peft(cfg, peft)
 
 
 def build_tokenizer(cfg: ModelConfig):
@@ -82,26 +161,66 @@ def build_tokenizer(cfg: ModelConfig):
     source = cfg.tokenizer or cfg.path
     if source is None:
         raise SFTError("model.tokenizer is not set and there is no model.path to take it from")
+    key = "model.tokenizer" if cfg.tokenizer else "model.path"
+    _check_source(key, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        raise SFTError(f"model.tokenizer={source!r} cannot be loaded: {exc}") from None
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SFTError(f"{key}={source}: the tokenizer cannot be loaded ({first})") from None
     if cfg.chat_template:
-        tok.chat_template = Path(cfg.chat_template).read_text()
-    if tok.pad_token_id is None:
-        raise SFTError(f"tokenizer {source!r} has no pad token; add one (pad must differ from eos, or eos is masked away)")
-    if tok.pad_token_id == tok.eos_token_id:
-        raise SFTError(f"tokenizer {source!r}: pad token == eos token; a distinct pad token keeps eos trainable")
+        try:
+            tok.chat_template = Path(cfg.chat_template).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SFTError(f"model.chat_template={cfg.chat_template}: cannot be read ({exc})") from None
+    if cfg.pad_token:
+        _set_pad_token(tok, cfg, source)
+    elif tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        why = "has no pad token" if tok.pad_token_id is None else f"pads with its eos token {tok.eos_token!r}"
+        raise SFTError(f"tokenizer {source} {why}; set model.pad_token to an unused special token of its vocabulary "
+                       f"(never eos, which must stay trainable){_pad_suggestion(tok)}")
     return tok
+
+
+def _set_pad_token(tok, cfg: ModelConfig, source: str) -> None:
+    """Pad with an existing token: adding one would change the vocabulary, so the embeddings would no longer match."""
+    pad_id = tok.convert_tokens_to_ids(cfg.pad_token)
+    if pad_id is None or (pad_id == tok.unk_token_id and cfg.pad_token != tok.unk_token):
+        raise SFTError(f"model.pad_token={cfg.pad_token!r} is not a token of tokenizer {source}{_pad_suggestion(tok)}")
+    forbidden = {tok.eos_token_id: "its eos token"}
+    if cfg.eot_token:
+        forbidden[tok.convert_tokens_to_ids(cfg.eot_token)] = "the end-of-turn token (model.eot_token)"
+    if pad_id in forbidden:
+        raise SFTError(f"model.pad_token={cfg.pad_token!r} is {forbidden[pad_id]}, which must stay trainable; "
+                       f"pick an unused special token{_pad_suggestion(tok)}")
+    tok.pad_token = cfg.pad_token
+
+
+def _pad_suggestion(tok) -> str:
+    """An unused-looking special token of this vocabulary to name in the message, if there is an obvious one."""
+    specials = [t.content for _, t in sorted(getattr(tok, "added_tokens_decoder", {}).items())]
+    for hint in ("pad", "reserved", "control", "unused"):
+        found = [t for t in specials if hint in t.lower() and t not in (tok.eos_token, tok.bos_token)]
+        if found:
+            return f", e.g. model.pad_token='{found[0]}'"
+    return ""
 
 
 def build_hf_config(cfg: ModelConfig, tokenizer=None):
     from transformers import AutoConfig
 
-    if cfg.path is not None and not cfg.arch:
-        hf_config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.path is not None:
+        # Every field from the checkpoint (rope_scaling, sliding windows, ...): a skeleton built from
+        # anything else would not match the weights that rank 0 loads into it.
+        _checkpoint_config_dict(cfg)  # a missing or corrupt config.json is one clear line, not a traceback
+        try:
+            hf_config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SFTError(f"model.path={cfg.path}: its config.json cannot be loaded ({first})") from None
     else:
         hf_config = AutoConfig.for_model(cfg.model_type, **dict(cfg.arch))
+    _apply_overrides(hf_config, cfg)
     if tokenizer is not None:
         if len(tokenizer) > hf_config.vocab_size:
             raise SFTError(f"model.arch.vocab_size={hf_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
@@ -109,6 +228,39 @@ def build_hf_config(cfg: ModelConfig, tokenizer=None):
         hf_config.eos_token_id = tokenizer.eos_token_id
         hf_config.bos_token_id = tokenizer.bos_token_id
     return hf_config
+
+
+def _apply_overrides(hf_config, cfg: ModelConfig) -> None:
+    for key, value in dict(cfg.config_overrides).items():
+        if not hasattr(hf_config, key):
+            raise SFTError(f"model.config_overrides.{key}: {type(hf_config).__name__} has no such field")
+        setattr(hf_config, key, value)
+
+
+def _offline_config(cfg: ModelConfig):
+    """The checkpoint's config for counting and planning, never from the network: a local directory, the
+    Hugging Face cache, or -- for a Hub id not downloaded here -- `arch` as its stand-in (logged)."""
+    from transformers import AutoConfig
+
+    if cfg.path is None or _looks_local(cfg.path):
+        return build_hf_config(cfg)
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        if not cfg.arch:
+            raise SFTError(f"model.path={cfg.path} is not downloaded here and model.arch is empty: download it "
+                           "(huggingface-cli download) or give model.arch values") from None
+        log.info("model.path=%s is not downloaded here: model.arch stands in for its config.json", cfg.path)
+        hf_config = AutoConfig.for_model(cfg.model_type, **dict(cfg.arch))
+    _apply_overrides(hf_config, cfg)
+    return hf_config
+
+
+def _meta_model(cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(_offline_config(cfg), attn_implementation="sdpa")
 
 
 def _quantization(quantize_4bit: bool, dtype: torch.dtype) -> dict:
@@ -130,8 +282,8 @@ def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu",
         raise SFTError("peft=qlora quantises pretrained weights: set model.path")
     if cfg.path is not None and str(device) != "meta":
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-            **_quantization(quantize_4bit, dtype),
+            cfg.path, config=build_hf_config(cfg), dtype=dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, **_quantization(quantize_4bit, dtype),
         )
     else:
         # On "meta" this is the skeleton that a sharded engine fills from rank 0's copy.
@@ -157,7 +309,7 @@ def build_skeleton(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation="sdpa", dtype=DTYPES[cfg.dtype])
+        return AutoModelForCausalLM.from_config(_offline_config(cfg), attn_implementation="sdpa", dtype=DTYPES[cfg.dtype])
 
 
 def apply_peft(model, cfg: PeftConfig):

@@ -54,18 +54,22 @@ def format_summary(data: PreparedData, fig: dict, cfg: C.SFTConfig, built: bool)
     head = (f"built in {b['seconds']:.1f} s: {_n(b['records_per_s'])} conversations/s, {_n(b['tokens_per_s'])} tokens/s, "
             f"{b['num_proc']} worker(s)" if built else "already built: reused")
     out = [f"data cache {data.path} ({head})", ""]
-    out.append(f"{'source':<44} {'records':>9} {'eval':>6} {'dropped':>8} {'kept':>9} {'in train':>9} {'tokens':>9}  mixture")
+    # records = eval + eval dropped + train dropped + kept, per source; `in train` counts the mixture's copies.
+    out.append(f"{'source':<44} {'records':>9} {'eval':>6} {'eval drop':>9} {'dropped':>8} {'kept':>9} {'in train':>9} "
+               f"{'tokens':>9}  mixture")
     for s in m["sources"]:
         how = f"weight {s['weight']:g}" if s["weight"] is not None else f"count {s['count']}" if s["count"] is not None else "all"
         if s["upsampled"]:
             how += f", upsampled x{s['repeats']:.2f}"
         name = s["path"] if len(s["path"]) <= 44 else "..." + s["path"][-41:]
-        out.append(f"{name:<44} {s['records']:>9,} {s['eval']:>6,} {sum(s['dropped'].values()):>8,} {s['kept']:>9,} "
-                   f"{s['in_train']:>9,} {_n(s['tokens']):>9}  {how}")
+        out.append(f"{name:<44} {s['records']:>9,} {s['eval']:>6,} {s['eval_carved'] - s['eval']:>9,} "
+                   f"{sum(s['dropped'].values()):>8,} {s['kept']:>9,} {s['in_train']:>9,} {_n(s['tokens']):>9}  {how}")
     out.append("")
     for name, f in m["filters"].items():
         verb = "flagged" if name == "refusal_flagged" else "dropped"
-        out.append(f"{name}: {f['count']:,} {verb}; e.g. {f['examples'][0]['where']}: {f['examples'][0]['why']}")
+        split = f" ({f['train']:,} training, {f['eval']:,} eval)" if "eval" in f and name != "eval_copy" else ""
+        what = "training copies of eval examples removed" if name == "eval_copy" else verb
+        out.append(f"{name}: {f['count']:,} {what}{split}; e.g. {f['examples'][0]['where']}: {f['examples'][0]['why']}")
     for split in ("train", "eval"):
         t = m[split]
         out.append(f"{split:<5} {t['examples']:>9,} examples  {_n(t['tokens'])} tokens ({_n(t['target_tokens'])} trained), "

@@ -9,7 +9,6 @@ its file:line before any tokenisation work starts (and long before any model is 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sft import curation
+from sft import curation, tokenize_pass
 from sft.errors import SFTError
 from sft.mixture import carve_eval, mix
 from sft.sources import Record, iter_source, source_size
-from sft.templating import encode_conversation
 
 log = logging.getLogger("sft.data")
 BATCH = 1024  # records per Arrow batch when reading sources
-MAP_BATCH = 64  # conversations per tokenisation call: small, so a worker's memory does not grow with length
 
 
 def build(cfg, sources, tokenizer, template, eot_id: int, out: Path, key: str) -> dict:
@@ -36,7 +33,7 @@ def build(cfg, sources, tokenizer, template, eot_id: int, out: Path, key: str) -
     sizes = write_records(sources, raw_path)
     read_s = time.time() - started
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    split = carve_eval(sizes, cfg.eval_fraction, cfg.eval_max, cfg.split_seed)
+    split = carve_eval(sizes, cfg.eval_fraction, cfg.eval_max, cfg.split_seed, _identities(cfg, sources))
     eval_rows = np.concatenate([ev + offsets[i] for i, (ev, _) in enumerate(split)]).astype(np.int64)
     cand_rows = np.concatenate([tr + offsets[i] for i, (_, tr) in enumerate(split)]).astype(np.int64)
 
@@ -44,11 +41,13 @@ def build(cfg, sources, tokenizer, template, eot_id: int, out: Path, key: str) -
     table = _open(out, files)
     cols = {name: table.column(name).to_numpy() for name in
             ("source", "num_tokens", "num_target", "prompt_tokens", "overlong", "truncated", "content_hash",
-             "repetition", "cutoff", "refusal")}
-    signature = _SignatureReader(table, cfg.filters.near_dedup_num_perm) if cfg.filters.near_dedup else None
-    decision = curation.decide(cols, cand_rows, eval_rows, cfg.filters, cfg.max_length, signature)
+             "repetition", "cutoff", "refusal", "record", "input_target", "turn")}
+    # From here on indices are rows (examples): a record split by data.overlong=split has several.
+    eval_rows, cand_rows = _rows_of(cols["record"], eval_rows), _rows_of(cols["record"], cand_rows)
+    sketches = _sketches(table, cfg.filters.near_dedup_num_perm) if cfg.filters.near_dedup else None
+    decision = curation.decide(cols, cand_rows, eval_rows, cfg.filters, cfg.max_length, sketches)
     kept = [r[decision.reason[r] == curation.KEPT] for r in
-            (cand_rows[(cand_rows >= offsets[i]) & (cand_rows < offsets[i + 1])] for i in range(len(sources)))]
+            (cand_rows[cols["source"][cand_rows] == i] for i in range(len(sources)))]
     if sum(len(k) for k in kept) == 0:
         counts = np.bincount(decision.reason[cand_rows] + 1, minlength=len(curation.FILTERS) + 1)[1:]
         why = ", ".join(f"{n} {name}" for name, n in zip(curation.FILTERS, counts.tolist()) if n)
@@ -62,7 +61,7 @@ def build(cfg, sources, tokenizer, template, eot_id: int, out: Path, key: str) -
 
     with pa.memory_map(str(raw_path)) as source:
         raw = pa.ipc.open_stream(source).read_all()
-        examples = _examples(raw, cols, decision, cfg)
+        examples = _examples(raw, cols, decision, cfg, eval_rows)
     shutil.rmtree(raw_path.parent, ignore_errors=True)
     seconds = time.time() - started
     n_tokens = int(cols["num_tokens"].sum())
@@ -71,12 +70,14 @@ def build(cfg, sources, tokenizer, template, eot_id: int, out: Path, key: str) -
         "files": files,
         "max_length": cfg.max_length,
         "sources": _source_report(sources, sizes, offsets, split, cols, decision, mix_report, train_rows, eval_kept),
+        "assistant_tokens": _assistant_tokens(cols, decision, cand_rows),
         "train": _split_totals(cols, decision, train_rows, cand_rows),
         "eval": _split_totals(cols, decision, eval_kept, eval_rows),
         "filters": examples,
         "lengths": _length_summary(cols["num_tokens"][train_rows]),
         "build": {"seconds": round(seconds, 2), "read_seconds": round(read_s, 2), "records": int(offsets[-1]),
-                  "records_per_s": round(offsets[-1] / max(seconds, 1e-9), 1), "tokens": n_tokens,
+                  "records_per_s": round(offsets[-1] / max(seconds, 1e-9), 1), "examples": int(len(cols["record"])),
+                  "tokens": n_tokens,
                   "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1), "num_proc": cfg.num_proc},
     }
 
@@ -130,67 +131,30 @@ def _to_batch(records: list[Record], source: int, schema):
 # ---------------------------------------------------------------- pass 2: tokenise in workers
 
 def tokenize(raw_path: Path, out: Path, cfg, tokenizer, template, eot_id: int, key: str) -> list[str]:
-    """Token ids, trained-token masks and curation features of every record, written by data.num_proc
-    worker processes; returns the Arrow files (relative to `out`)."""
-    import datasets
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    seq = getattr(datasets, "List", None) or datasets.Sequence  # List since datasets 4
-    features = {
-        "source": datasets.Value("int32"),
-        "input_ids": seq(datasets.Value("int32")), "target": seq(datasets.Value("bool")),
-        "num_tokens": datasets.Value("int32"), "num_target": datasets.Value("int32"),
-        "prompt_tokens": datasets.Value("int32"), "overlong": datasets.Value("bool"), "truncated": datasets.Value("bool"),
-        "content_hash": datasets.Value("int64"), "repetition": datasets.Value("float32"),
-        "cutoff": datasets.Value("bool"), "refusal": datasets.Value("bool"),
-    }
-    if cfg.filters.near_dedup:
-        features["minhash"] = seq(datasets.Value("uint32"))
-    raw = datasets.Dataset.from_file(str(raw_path))
-    (out / "tokens").mkdir(parents=True, exist_ok=True)
-    tokens = raw.map(
-        _encode_batch, batched=True, batch_size=MAP_BATCH, writer_batch_size=256,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) > MAP_BATCH else None,
-        remove_columns=["where", "messages", "text"], features=datasets.Features(features),
-        fn_kwargs={"tokenizer": tokenizer, "eot_id": eot_id, "template": template, "max_length": cfg.max_length,
-                   "overlong": cfg.overlong, "filters": cfg.filters},
-        cache_file_name=str(out / "tokens" / "tokens.arrow"), load_from_cache_file=False,
-        new_fingerprint=f"sft-{key}", desc="tokenizing",
-    )
-    return [str(Path(f["filename"]).relative_to(out)) for f in tokens.cache_files]
+    """Token ids, trained-token masks and curation features of every record (one row per example),
+    written by data.num_proc worker processes; returns the Arrow files (relative to `out`)."""
+    return tokenize_pass.run(raw_path, out, cfg, tokenizer, template, eot_id)
 
 
-@functools.lru_cache(maxsize=4)
-def _refusal_re(patterns: tuple, mode: str):
-    return curation.refusal_regex(curation.FilterConfig(refusals=mode, refusal_patterns=list(patterns)))
+def _rows_of(record_of: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """The rows (examples) of the given records, record by record in the given order. Rows are in
+    record order, and a record's rows are consecutive."""
+    records = np.asarray(records, dtype=np.int64)
+    lo = np.searchsorted(record_of, records, side="left")
+    hi = np.searchsorted(record_of, records, side="right")
+    n = hi - lo
+    if not n.sum():
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    return (starts + np.arange(int(n.sum()))).astype(np.int64)
 
 
-def _encode_batch(batch: dict, tokenizer, eot_id, template, max_length, overlong, filters) -> dict:
-    """One worker call: a few conversations in, their columns out. Examples dropped for length keep
-    their counts and features but no tokens, so the cache does not store what training never reads."""
-    out = {k: [] for k in ("input_ids", "target", "num_tokens", "num_target", "prompt_tokens", "overlong", "truncated",
-                           "content_hash", "repetition", "cutoff", "refusal")}
-    if filters.near_dedup:
-        out["minhash"] = []
-    refusal_re = _refusal_re(tuple(filters.refusal_patterns), filters.refusals)
-    for where, messages, text in zip(batch["where"], batch["messages"], batch["text"]):
-        rec = Record(messages=tuple(messages or ()), where=where, text=text)
-        ids, target = encode_conversation(rec, tokenizer, eot_id, template)
-        n = len(ids)
-        too_long = n > max_length
-        if too_long and overlong == "truncate":
-            ids, target = ids[:max_length], target[:max_length]
-        dropped = too_long and overlong == "drop"
-        out["num_tokens"].append(n if dropped else len(ids))
-        out["num_target"].append(int(target[1:].sum()))  # the first token is never predicted
-        out["prompt_tokens"].append(int(len(target) - target.sum()))
-        out["overlong"].append(dropped)
-        out["truncated"].append(too_long and not dropped)
-        out["input_ids"].append(ids[:0] if dropped else ids)
-        out["target"].append(target[:0] if dropped else target)
-        for name, value in curation.example_features(rec.messages, text, filters, refusal_re).items():
-            out[name].append(value)
-    return out
+def _assistant_tokens(cols, decision, cand_rows, source: int | None = None) -> dict:
+    """Assistant tokens of the training candidates before any cut or filter (input) and in the kept
+    training examples (trained, each once, before the mixture's sampling): what the build lost."""
+    rows = cand_rows if source is None else cand_rows[cols["source"][cand_rows] == source]
+    kept = rows[decision.reason[rows] == curation.KEPT]
+    return {"input": int(cols["input_target"][rows].sum()), "trained": int(cols["num_target"][kept].sum())}
 
 
 # ---------------------------------------------------------------- reports
@@ -203,6 +167,14 @@ def _open(out: Path, files: list[str]):
         with pa.memory_map(str(out / f)) as source:
             tables.append(pa.ipc.open_stream(source).read_all())
     return pa.concat_tables(tables)
+
+
+def _identities(cfg, sources) -> list[str]:
+    """Each source's content digest: what seeds its eval carve (see mixture.carve_eval)."""
+    from sft import cache
+
+    memo = Path(os.path.expanduser(cfg.cache_dir)) / ".digests"
+    return [cache._sha(cache.source_fingerprint(src.path, memo)) for src in sources]
 
 
 class _SignatureReader:
@@ -218,12 +190,28 @@ class _SignatureReader:
         return self.views[c][row - self.starts[c]]
 
 
+class _ShingleReader:
+    """A row's set of word n-gram hashes (variable length), read from the memory-mapped column."""
+
+    def __init__(self, table):
+        self.chunks = table.column("shingles").chunks
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __call__(self, row: int) -> np.ndarray:
+        c = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.chunks[c][int(row - self.starts[c])].values.to_numpy(zero_copy_only=False)
+
+
+def _sketches(table, num_perm: int) -> curation.Sketches:
+    return curation.Sketches(_SignatureReader(table, num_perm), _ShingleReader(table))
+
+
 def _source_report(sources, sizes, offsets, split, cols, decision, mix_report, train_rows, eval_kept) -> list[dict]:
     report = []
     src_of_train = cols["source"][train_rows]
     src_of_eval = cols["source"][eval_kept]
     for i, src in enumerate(sources):
-        cand = split[i][1] + offsets[i]
+        cand = _rows_of(cols["record"], split[i][1] + offsets[i])
         reasons = decision.reason[cand]
         dropped = {name: int(n) for name, n in
                    zip(curation.FILTERS, np.bincount(reasons[reasons >= 0], minlength=len(curation.FILTERS))) if n}
@@ -236,6 +224,7 @@ def _source_report(sources, sizes, offsets, split, cols, decision, mix_report, t
             "truncated": int(cols["truncated"][cand][reasons == curation.KEPT].sum()),
             **mix_report[i],
             "tokens": int(cols["num_tokens"][mine].sum()), "target_tokens": int(cols["num_target"][mine].sum()),
+            "assistant_tokens": _assistant_tokens(cols, decision, cand),
         })
     return report
 
@@ -244,8 +233,10 @@ def _split_totals(cols, decision, rows, candidates) -> dict:
     reasons = decision.reason[candidates]
     dropped = {name: int(n) for name, n in
                zip(curation.FILTERS, np.bincount(reasons[reasons >= 0], minlength=len(curation.FILTERS))) if n}
+    # candidates = kept + sum(dropped); examples = rows used (training: after the mixture's sampling).
     return {
-        "examples": int(len(rows)), "kept": int(len(rows)), "tokens": int(cols["num_tokens"][rows].sum()),
+        "candidates": int(len(candidates)), "kept": int((reasons == curation.KEPT).sum()),
+        "examples": int(len(rows)), "tokens": int(cols["num_tokens"][rows].sum()),
         "target_tokens": int(cols["num_target"][rows].sum()), "truncated": int(cols["truncated"][rows].sum()),
         "dropped": dropped, "dropped_overlong": dropped.get("overlong", 0), "dropped_no_target": dropped.get("no_target", 0),
     }
@@ -258,10 +249,13 @@ def _length_summary(lengths: np.ndarray) -> dict:
     return {"mean": round(float(lengths.mean()), 1), "p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(lengths.max())}
 
 
-def _examples(raw, cols, decision, cfg) -> dict:
-    """Counts and the first few examples of every filter that dropped (or flagged) anything."""
+def _examples(raw, cols, decision, cfg, eval_rows) -> dict:
+    """Counts (all, and split into eval and training candidates) and the first few examples of every
+    filter that dropped (or flagged) anything."""
     f = cfg.filters
     out = {}
+    is_eval = np.zeros(len(decision.reason), dtype=bool)
+    is_eval[eval_rows] = True
     groups = [(name, np.flatnonzero(decision.reason == code)) for code, name in enumerate(curation.FILTERS)]
     groups.append(("refusal_flagged", np.flatnonzero(decision.flagged)))
     for name, rows in groups:
@@ -269,14 +263,20 @@ def _examples(raw, cols, decision, cfg) -> dict:
             continue
         shown = []
         for row in rows[: f.examples].tolist():
-            rec = raw.slice(row, 1).to_pylist()[0]
+            rec = raw.slice(int(cols["record"][row]), 1).to_pylist()[0]
+            if name == "overlong" and cols["turn"][row] >= 0:  # one turn of a split conversation: show that turn
+                rec = dict(rec, messages=rec["messages"][: int(cols["turn"][row]) + 1])
             shown.append({"where": rec["where"], "why": _why(name, row, cols, decision, cfg, raw), "excerpt": _excerpt(rec, name)})
-        out[name] = {"count": int(len(rows)), "examples": shown}
+        n_eval = int(is_eval[rows].sum())
+        out[name] = {"count": int(len(rows)), "eval": n_eval, "train": int(len(rows)) - n_eval, "examples": shown}
     return out
 
 
 def _why(name, row, cols, decision, cfg, raw) -> str:
     f = cfg.filters
+    if name == "overlong" and cols["turn"][row] >= 0:
+        return (f"assistant turn messages[{cols['turn'][row]}] alone (with the system prompt and its prompt) is "
+                f"{cols['num_tokens'][row]} tokens > data.max_length={cfg.max_length}; the rest of the conversation is kept")
     if name == "overlong":
         return f"{cols['num_tokens'][row]} tokens > data.max_length={cfg.max_length}"
     if name == "no_target":
@@ -292,7 +292,9 @@ def _why(name, row, cols, decision, cfg, raw) -> str:
     if name in ("refusal", "refusal_flagged"):
         return "an answer matches data.filters.refusal_patterns"
     other = decision.duplicate_of.get(row)
-    where = raw.slice(other, 1).column("where")[0].as_py() if other is not None else "an earlier example"
+    where = raw.slice(int(cols["record"][other]), 1).column("where")[0].as_py() if other is not None else "an earlier example"
+    if name == "eval_copy":
+        return f"same text as eval example {where}"
     return f"{'same text as' if name == 'exact_duplicate' else 'near-duplicate of'} {where}"
 
 

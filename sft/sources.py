@@ -18,6 +18,21 @@ from sft.errors import SFTError
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text")
+# The fields each format reads; anything else in a record is refused, because a field the loader does
+# not read is data the user expects to be trained on and would silently lose. "id" is the one
+# metadata field allowed (dataset dumps carry it; it names a record, it is not content).
+FORMAT_FIELDS = {
+    "messages": ({"messages"}, {"conversations"}),
+    "prompt_completion": ({"prompt", "completion"},),
+    "alpaca": ({"instruction", "input", "output"},),
+    "text": ({"text"},),
+}
+METADATA_FIELDS = {"id"}
+MESSAGE_FIELDS = ({"role", "content"}, {"from", "value"})
+# OpenAI-style structured tool use. Chat templates render it in their own ways, and the assistant's
+# tool-call turns would need their own masks; until that is built, such records are refused by name
+# rather than trained without their calls.
+TOOL_FIELDS = {"tool_calls", "function_call", "tool_call_id", "tools", "functions"}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
@@ -126,6 +141,8 @@ def _check_messages(msgs: Any, where: str) -> tuple[dict, ...]:
         raise SFTError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(msgs):
+        if isinstance(m, dict):
+            _check_message_fields(m, i, where)
         if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:
             # ShareGPT dumps spell turns {"from": "human"|"gpt", "value": ...}.
             m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
@@ -147,6 +164,39 @@ def _check_messages(msgs: Any, where: str) -> tuple[dict, ...]:
     return tuple(out)
 
 
+def _tool_refusal(where: str, field: str) -> SFTError:
+    return SFTError(f"{where}: {field}: structured (OpenAI-style) tool calls are not supported and would be lost in "
+                    "training; write tool calls and results into the messages' content as your model's chat template "
+                    "does, or remove these records")
+
+
+def _present(d: dict) -> set:
+    """Fields that hold something: columnar files (Parquet, Arrow) give every row every column, null where unused."""
+    return {k for k, v in d.items() if v is not None and v != [] and v != {}}
+
+
+def _check_message_fields(m: dict, i: int, where: str) -> None:
+    extra = _present(m) - (MESSAGE_FIELDS[0] if "role" in m or "content" in m else MESSAGE_FIELDS[1])
+    tools = sorted(extra & TOOL_FIELDS)
+    if tools:
+        raise _tool_refusal(where, f"messages[{i}] has {tools[0]!r}")
+    if extra:
+        raise SFTError(f"{where}: messages[{i}] has unknown field(s) {sorted(extra)} (a message has 'role' and 'content', "
+                       "or ShareGPT 'from' and 'value'); remove them or move their text into 'content'")
+
+
+def _check_record_fields(rec: dict, fmt: str, where: str) -> None:
+    present = _present(rec)
+    tools = sorted(present & TOOL_FIELDS)
+    if tools:
+        raise _tool_refusal(where, f"field {tools[0]!r}")
+    allowed = next((f for f in FORMAT_FIELDS[fmt] if f & present), FORMAT_FIELDS[fmt][0])
+    extra = present - allowed - METADATA_FIELDS
+    if extra:
+        raise SFTError(f"{where}: unknown field(s) {sorted(extra)} for format {fmt} (it reads "
+                       f"{' + '.join(sorted(allowed))}, and 'id'); remove them, or fix their names if they hold data to train on")
+
+
 def normalise(rec: Any, fmt: str, where: str, system_prompt: str | None = None) -> Record:
     """Turn one raw record of any supported format into a Record of chat messages."""
     if not isinstance(rec, dict):
@@ -158,6 +208,8 @@ def normalise(rec: Any, fmt: str, where: str, system_prompt: str | None = None) 
                 f"{where}: cannot tell the format from fields {sorted(rec)}; expected 'messages', "
                 "'prompt'+'completion', 'instruction'+'output' (alpaca) or 'text'"
             )
+    if fmt in FORMAT_FIELDS:
+        _check_record_fields(rec, fmt, where)
     if fmt == "text":
         text = rec.get("text")
         if not isinstance(text, str) or not text.strip():

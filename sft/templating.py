@@ -13,6 +13,8 @@ Two ways to find the assistant spans, because templates differ:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from sft.errors import SFTError
@@ -44,56 +46,22 @@ def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
     )
 
 
-# Locating assistant turns renders every prefix of a conversation, and apply_chat_template spends
-# most of its time copying and checking its inputs, not rendering. Prefixes are therefore rendered
-# with the compiled template directly -- but only after that renderer reproduced
-# apply_chat_template exactly on every prefix of a first conversation in this process (else the
-# official path is kept), and the conversation itself is always rendered officially.
-_FAST_VERIFIED: dict[tuple[int, str], bool] = {}
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the pattern transformers looks for
 
 
-def _compiled_renderer(tokenizer, template):
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # a transformers without it: the official path only
-        return None
-    compiled = _compile_jinja_template(template)
-    specials = dict(tokenizer.special_tokens_map)
-
-    def render(messages, add_generation_prompt=False):
-        return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **specials)
-
-    return render
-
-
-def _prefix_renderer(tokenizer, messages, template):
-    key = (id(tokenizer), template)
-    ok = _FAST_VERIFIED.get(key)
-    fast = _compiled_renderer(tokenizer, template) if ok is not False else None
-    if fast is not None and ok is None:
-        try:
-            ok = all(
-                fast(messages[:i], gen) == _render(tokenizer, messages[:i], template, gen)
-                for i in range(1, len(messages) + 1) for gen in (False, True)
-            )
-        except Exception:  # noqa: BLE001 - any difference at all means: do not use it
-            ok = False
-        _FAST_VERIFIED[key] = ok
-    if fast is not None and ok:
-        return fast
-    return lambda msgs, gen=False: _render(tokenizer, msgs, template, gen)
+def has_generation_markers(template: str) -> bool:
+    """The template marks what assistant turns train on; both encoding paths decide by this one test."""
+    return bool(_GENERATION.search(template))
 
 
 def _assistant_char_spans(tokenizer, messages, template, where) -> tuple[str, list[tuple[int, int]]]:
     full = _render(tokenizer, messages, template)
-    render = _prefix_renderer(tokenizer, messages, template)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = render(messages[:i], True)
-        through = render(messages[: i + 1])
+        before = _render(tokenizer, messages[:i], template, True)
+        through = _render(tokenizer, messages[: i + 1], template)
         if not (through.startswith(before) and full.startswith(through)):
             raise SFTError(
                 f"{where}: the chat template renders earlier turns differently once later turns follow, so "
@@ -118,7 +86,7 @@ def encode_conversation(record: Record, tokenizer, eot_id: int, template: str | 
     template = template or tokenizer.chat_template
     if not template:
         raise SFTError("the tokenizer has no chat template; set model.chat_template to a .jinja file")
-    if "{% generation %}" in template or "{%- generation %}" in template:
+    if has_generation_markers(template):
         out = tokenizer.apply_chat_template(
             list(record.messages), chat_template=template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True,

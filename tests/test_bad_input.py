@@ -42,6 +42,14 @@ CASES = {
                             r"train\.global_batch_size=10 is not divisible by train\.micro_batch_size=4"),
     "conflicting_offload": (lambda d: ["data=demo", "parallelism.cpu_offload=true"], r"parallelism\.cpu_offload needs parallelism=fsdp or zero3"),
     "qlora_without_gpu": (lambda d: ["data=demo", "peft=qlora"], r"peft=qlora needs"),
+    "unknown_record_field": (lambda d: [f"data.path={_jsonl(d / 'u.jsonl', [json.dumps(GOOD), json.dumps(dict(GOOD, weight=2))])}"],
+                             r"u\.jsonl:2: unknown field\(s\) \['weight'\] for format messages"),
+    "unknown_message_field": (lambda d: [f"data.path={_jsonl(d / 'n.jsonl', [json.dumps({'messages': [{'role': 'user', 'content': 'x', 'name': 'bob'}, {'role': 'assistant', 'content': 'y'}]})])}"],
+                              r"n\.jsonl:1: messages\[0\] has unknown field\(s\) \['name'\]"),
+    "openai_tool_calls": (lambda d: [f"data.path={_jsonl(d / 't.jsonl', [json.dumps({'messages': [{'role': 'user', 'content': 'weather?'}, {'role': 'assistant', 'content': '', 'tool_calls': [{'type': 'function', 'function': {'name': 'get', 'arguments': '{}'}}]}, {'role': 'tool', 'content': 'sunny', 'tool_call_id': 'c1'}, {'role': 'assistant', 'content': 'Sunny.'}]})])}"],
+                          r"t\.jsonl:1: messages\[1\] has 'tool_calls': structured \(OpenAI-style\) tool calls are not supported"),
+    "openai_tools_field": (lambda d: [f"data.path={_jsonl(d / 'tf.jsonl', [json.dumps(dict(GOOD, tools=[{'type': 'function'}]))])}"],
+                           r"tf\.jsonl:1: field 'tools': structured \(OpenAI-style\) tool calls are not supported"),
 }
 
 

@@ -164,7 +164,8 @@ def test_dropped_examples_in_the_manifest_are_capped(tmp_path):
     assert report["count"] == 9 and len(report["examples"]) == 2
 
 
-def test_training_copies_of_eval_examples_are_removed_by_deduplication():
+@pytest.mark.parametrize("exact_dedup", [False, True])
+def test_training_copies_of_eval_examples_are_always_removed(exact_dedup):
     n = 6
     cols = {
         "num_tokens": np.full(n, 50), "num_target": np.full(n, 10), "prompt_tokens": np.full(n, 40),
@@ -172,10 +173,11 @@ def test_training_copies_of_eval_examples_are_removed_by_deduplication():
         "cutoff": np.zeros(n, bool), "refusal": np.zeros(n, bool),
     }
     eval_rows, train_rows = np.array([5]), np.array([0, 1, 2, 3, 4])
-    d = curation.decide(cols, train_rows, eval_rows, FilterConfig(exact_dedup=True), 256)
-    dup = curation.FILTERS.index("exact_duplicate")
-    assert d.reason.tolist() == [dup, dup, -1, -1, dup, -1]  # rows 0 and 1 copy eval row 5; row 4 copies row 3
-    assert d.duplicate_of[0] == 5 and d.duplicate_of[4] == 3
+    d = curation.decide(cols, train_rows, eval_rows, FilterConfig(exact_dedup=exact_dedup), 256)
+    copy, dup = curation.FILTERS.index("eval_copy"), curation.FILTERS.index("exact_duplicate")
+    # rows 0 and 1 copy eval row 5 (removed whatever the settings); row 4 copies training row 3.
+    assert d.reason.tolist() == [copy, copy, -1, -1, dup if exact_dedup else -1, -1]
+    assert d.duplicate_of[0] == 5 and d.duplicate_of[1] == 5
 
 
 def test_filter_settings_are_checked():

@@ -88,11 +88,15 @@ def test_eval_is_carved_per_source_before_filters_and_never_trained_on(tmp_path,
     assert [s["eval"] for s in plain.manifest["sources"]] == [12, 5]  # 10% of each source
     for data in (plain, curated):
         assert not set(data.train.rows.tolist()) & set(data.eval.rows.tolist())
-    # With de-duplication on, not even a copy of an eval conversation reaches training.
+    # With or without de-duplication, not even a copy of an eval conversation reaches training,
+    # and the copies removed are counted.
     text = {i: json.dumps(r["messages"]) for i, r in enumerate(a + numbered_chats(50, prefix="b"))}
-    eval_texts = {text[int(r)] for r in curated.eval.rows}
-    assert not any(text[int(r)] in eval_texts for r in curated.train.rows)
-    assert any(text[int(r)] in eval_texts for r in plain.train.rows)  # ...which there were without it
+    eval_texts = {text[int(r)] for r in plain.eval.rows}
+    copies = sum(text[i] in eval_texts for i in range(len(text))) - len(plain.eval)
+    assert copies > 0
+    for data in (plain, curated):
+        assert not any(text[int(r)] in eval_texts for r in data.train.rows)
+        assert data.manifest["filters"]["eval_copy"]["count"] == copies
 
 
 def test_each_source_has_its_own_format_and_system_prompt(tmp_path, tokenizer):
