@@ -30,12 +30,20 @@ class Context:
     peaks: dict = field(default_factory=dict)  # setting -> (EngineSpec, measured peak bytes), for the plan check
     _tok: object = None
     _peak_flops: tuple | None = None
+    _checkpoint: str | None = None
 
     @property
     def tok(self):
         if self._tok is None:
             self._tok = S.tokenizer()
         return self._tok
+
+    @property
+    def checkpoint(self) -> str:
+        """The check's model as a local checkpoint (model.path), written on first use."""
+        if self._checkpoint is None:
+            self._checkpoint = S.write_checkpoint(self.scale, self.tok, self.device, self.work / "init_checkpoint")
+        return self._checkpoint
 
     @property
     def peak_flops(self) -> tuple[float, str]:
@@ -53,7 +61,8 @@ def plan_of_checks(ctx: Context) -> list:
     b = ctx.scale.budgets
     out = [("packed_vs_unpacked", b["packed_vs_unpacked"], packed_vs_unpacked)]
     for backend in ("sdpa", "flex_attention", "flash_attention_2"):
-        out.append((f"probe.{backend}", b["probe"], functools.partial(probe, backend=backend)))
+        budget = b["probe_flex"] if backend == "flex_attention" else b["probe"]
+        out.append((f"probe.{backend}", budget, functools.partial(probe, backend=backend)))
     for strategy, method in (("single", "full"), ("fsdp", "full"), ("single", "lora"), ("fsdp", "lora")):
         out.append((f"{strategy}_{method}", b["train"], functools.partial(train_throughput, strategy=strategy, method=method)))
     out.append(("plan", b["plan"], plan_vs_measured))
@@ -67,7 +76,7 @@ def spec(ctx: Context, strategy: str, method: str = "full", attn: str = "sdpa", 
          accumulation: int = 1, checkpointing: bool = True):
     """The GPU recipe (conf/experiment/llama3_70b_full.yaml, llama3_8b_lora_large.yaml) for this scale:
     weights loaded in the compute dtype, fp32 master weights, gradients and AdamW state, bf16 compute
-    (FSDP2's all-gather dtype, autocast on a single GPU), fp32 gradient reduction. --tiny: fp32 throughout."""
+    (FSDP2's all-gather dtype, autocast on a single GPU), fp32 gradient reduction; the same on the toy model."""
     from sft.model import PeftConfig
     from sft.optim import OptimConfig
     from sft.parallel import EngineSpec, ParallelConfig
@@ -76,10 +85,9 @@ def spec(ctx: Context, strategy: str, method: str = "full", attn: str = "sdpa", 
     par = ParallelConfig(strategy=strategy, param_dtype=s.dtype_name, reduce_dtype="float32", master_dtype="float32")
     peft = PeftConfig(method="lora", r=s.lora_r, alpha=2 * s.lora_r) if method == "lora" else PeftConfig(method="none")
     optim = OptimConfig(lr=lr, warmup_steps=min(3, steps), schedule="constant", grad_clip=1.0)
-    # Bytes of one output-layer chunk: the 70B recipe's 1024 MB on the GPU; on the toy model a few chunks per row.
-    chunk_mb = 1024.0 if not s.tiny else s.loss_chunk_tokens * 12 * s.arch["vocab_size"] / 2**20
-    return EngineSpec(model=S.model_config(s, attn=attn, checkpointing=checkpointing), peft=peft, parallel=par, optim=optim,
-                      loss_chunk_mb=chunk_mb, total_steps=steps, world=1, micro_rows=1, accumulation=accumulation)
+    model = S.model_config(s, attn=attn, checkpointing=checkpointing, path=ctx.checkpoint)
+    return EngineSpec(model=model, peft=peft, parallel=par, optim=optim,
+                      loss_chunk_mb=s.loss_chunk_mb, total_steps=steps, world=1, micro_rows=1, accumulation=accumulation)
 
 
 def build(ctx: Context, sp):
@@ -212,7 +220,9 @@ def packed_vs_unpacked(ctx: Context) -> list[dict]:
 
     from sft.parallel import build_loss_module
 
-    ref_spec = spec(ctx, "single", checkpointing=False)
+    # Per-layer checkpointing as in training: if sdpa falls back to its math kernel for fp32 with a mask, each
+    # layer's attention weights (heads x T^2 x 4 bytes, 2 GB at 4k tokens) then never pile up over 16 layers.
+    ref_spec = spec(ctx, "single", checkpointing=True)
     ref_spec.model.dtype = "float32"
     ref = build_loss_module(ref_spec, ctx.tok, dev)  # fp32 weights, built on the device
     ref.train()
@@ -232,8 +242,11 @@ def packed_vs_unpacked(ctx: Context) -> list[dict]:
         row("packed_vs_unpacked.grad_fp32", 1 - cos32 <= tol32_cos, 1 - cos32, "1-cosine",
             f"whole-gradient cosine {cos32:.12f}, tolerance 1-cos <= {tol32_cos:g}; worst tensor {worst32} ({wcos32:.9f})"),
     ]
-    # The same weights in bf16 (one rounding of the fp32 ones), the dtype the GPU recipe computes in.
-    low = ChunkedLossLM(ref.model, ref.chunk_size).to(torch.bfloat16)
+    # The same weights in bf16, the dtype the GPU recipe computes in: the checkpoint holds bf16 values, so this
+    # copy is exact and only the arithmetic differs. Buffers (rotary frequencies) stay fp32, as in a model loaded in bf16.
+    low = ChunkedLossLM(ref.model, ref.chunk_size)
+    for p in low.parameters():
+        p.data = p.data.to(torch.bfloat16)
     del ref
     loss16 = (_doc_losses(low, packed, sp_packed, dev), _doc_losses(low, unpacked, sp_unpacked, dev))
     g16p = _grads(low, packed, dev)
@@ -360,30 +373,51 @@ def train_throughput(ctx: Context, strategy: str, method: str) -> list[dict]:
 # ---------------------------------------------------------------- 4. peak memory against sft-plan
 
 def plan_vs_measured(ctx: Context) -> list[dict]:
-    """sft-plan's per-GPU prediction for the same settings, if the plan module is there yet."""
-    predict, why = _plan_predictor()
+    """sft-plan's per-GPU prediction (sft.memory.plan_memory) for the settings the training checks measured.
+
+    torch.cuda.max_memory_allocated counts the caching allocator's live tensors only, so it is compared
+    with the plan's allocator part: its peak less the CUDA-context and NCCL allowances and the
+    fragmentation margin, which that counter cannot see.
+    """
+    predict, why = _plan_predictor(ctx)
     if predict is None:
         return [row("plan.peak_memory", None, None, "", f"skipped: no plan ({why})")]
     rows = []
+    on_gpu = ctx.device.type == "cuda"
     for name, (sp, measured) in ctx.peaks.items():
-        predicted = float(predict(sp, ctx.scale.max_length))
+        predicted, total = predict(sp)
         ok = measured <= 1.10 * predicted and predicted <= 2.0 * measured
-        rows.append(row(f"plan.{name}", ok if ctx.device.type == "cuda" else None, round(predicted / GiB, 3), "GiB predicted",
-                        f"measured {measured / GiB:.3f} GiB; pass if measured <= 1.1 x predicted (no surprise OOM) and "
-                        f"predicted <= 2 x measured" + ("" if ctx.device.type == "cuda" else "; CPU has no peak counter")))
+        detail = (f"measured {measured / GiB:.3f} GiB (max_memory_allocated) vs the plan's allocator peak "
+                  f"{predicted / GiB:.3f} GiB (whole-GPU peak {total / GiB:.2f} GiB); pass if measured <= 1.1 x predicted "
+                  f"(no surprise OOM) and predicted <= 2 x measured")
+        if not on_gpu:
+            detail = f"skipped: no peak-memory counter on CPU (predicted {predicted / GiB:.3f} GiB, process now {measured / GiB:.3f} GiB)"
+        rows.append(row(f"plan.{name}", ok if on_gpu else None, round(predicted / GiB, 3), "GiB predicted", detail))
     return rows or [row("plan.peak_memory", None, None, "", "skipped: no training check measured a peak")]
 
 
-def _plan_predictor():
-    """A callable (EngineSpec, max_length) -> predicted peak bytes per GPU, or (None, why)."""
+def _plan_predictor(ctx: Context):
+    """(callable EngineSpec -> (predicted allocator bytes, predicted whole-GPU bytes), "") or (None, why not)."""
     try:
-        import sft.memory as memory  # noqa: F401
-    except ImportError as exc:
-        return None, f"sft.memory is not importable: {exc}"
-    fn = getattr(memory, "peak_bytes_for_spec", None)
-    if fn is None:
-        return None, "sft.memory has no peak_bytes_for_spec(spec, max_length)"
-    return fn, ""
+        from sft.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, NCCL_BYTES, plan_memory
+    except ModuleNotFoundError as exc:
+        if exc.name != "sft.memory":  # the plan is there but needs a package this machine lacks: a real failure
+            raise
+        return None, "no sft/memory.py in this checkout"
+    from types import SimpleNamespace
+
+    capacity = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else 80 * GiB
+
+    def predict(sp):
+        # The run config's sections plan_memory reads, filled from the same dataclasses the engine was built from.
+        cfg = SimpleNamespace(model=sp.model, peft=sp.peft, parallelism=sp.parallel, optim=sp.optim,
+                              train=SimpleNamespace(micro_batch_size=sp.micro_rows, loss_chunk_mb=sp.loss_chunk_mb),
+                              data=SimpleNamespace(max_length=ctx.scale.max_length), packing=SimpleNamespace(strategy="bfd"))
+        plan = plan_memory(cfg, sp.world, capacity, accumulation=sp.accumulation)
+        allocator = (plan.peak - CUDA_CONTEXT_BYTES - (NCCL_BYTES if sp.world > 1 else 0)) / (1 + FRAGMENTATION)
+        return allocator, plan.peak
+
+    return predict, ""
 
 
 # ---------------------------------------------------------------- 5. a loss curve, export, generation
@@ -401,7 +435,9 @@ def curve_and_export(ctx: Context) -> list[dict]:
     eot = resolve_eot_id(ctx.tok, None)
     docs = S.demo_docs(ctx.tok, eot, s.max_length, s.curve_steps * s.curve_rows * s.max_length)
     rows = build_rows(docs.lengths, "bfd", s.max_length)
-    per_epoch = len(rows) // s.curve_rows
+    per_epoch = len(rows) // s.curve_rows  # whole steps only: a padded last step would train fewer rows
+    if per_epoch < 1:
+        raise RuntimeError(f"{len(rows)} packed rows of demo conversations for steps of {s.curve_rows} rows")
     sp = spec(ctx, "fsdp", steps=s.curve_steps, lr=s.curve_lr, accumulation=s.curve_rows)
     engine = build(ctx, sp)
     pad = ctx.tok.pad_token_id
@@ -451,8 +487,11 @@ def curve_and_export(ctx: Context) -> list[dict]:
         out = model.generate(**{k: v.to(dev) for k, v in prompt.items()}, max_new_tokens=new, do_sample=False)
     gen = out[0, prompt["input_ids"].shape[1]:]
     text = tok.decode(gen.tolist(), skip_special_tokens=False)
-    stopped = len(gen) < new and int(gen[-1]) in set(loaded.generation_config.eos_token_id or [])
+    eos = loaded.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    stopped = 0 < len(gen) < new and int(gen[-1]) in eos
     ok = len(gen) == new or stopped
     rows_out.append(row("export.generate", ok, len(gen), "tokens",
-                        f"greedy from final/ in {s.dtype_name} for 'color: cherry' (demo answer: red): {text!r}"))
+                        f"greedy from final/ in {s.dtype_name} for 'color: cherry' (demo answer: red): {text!r}"
+                        + (" (stopped at end of turn)" if stopped else "")))
     return rows_out

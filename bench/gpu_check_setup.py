@@ -7,6 +7,7 @@ lent GPU machines have): no Hydra, omegaconf, datasets or deepspeed. The project
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ class Scale:
     curve_rows: int = 1  # packed rows per optimizer step of the loss curve
     curve_lr: float = 3e-4  # a pretraining-size step: the model starts from random weights
     lora_r: int = 16
-    loss_chunk_tokens: int = 1024
+    # Bytes of one output-layer chunk (train.loss_chunk_mb): the 70B recipe's 1024 MB (~700 tokens at 128k vocab).
+    loss_chunk_mb: float = 1024.0
     budgets: dict = field(default_factory=dict)  # seconds per check
     total_budget_s: float = 480.0  # what the whole run should take
     hard_stop_s: float = 540.0  # the runner stops here, whatever is running
@@ -70,18 +72,24 @@ def gpu_scale() -> Scale:
         tiny=False, arch=dict(LLAMA3_1B), compute_dtype=torch.bfloat16, max_length=4096,
         doc_lengths=(1536, 931, 1024, 487), min_doc=128, max_doc=3072, warmup_steps=3, timed_steps=8,
         curve_rows=2,
-        budgets={"packed_vs_unpacked": 90, "probe": 120, "train": 75, "plan": 30, "curve_export": 150},
+        # Seconds each check may take: 2-3x what it should need on an H100 (the model loads from a local
+        # checkpoint in seconds; flex_attention compiles once). flash_attention_2 is skipped without flash-attn.
+        budgets={"packed_vs_unpacked": 60, "probe": 45, "probe_flex": 100, "train": 60, "plan": 20, "curve_export": 120},
     )
 
 
 def tiny_scale() -> Scale:
     return Scale(
-        tiny=True, arch=dict(TOY), compute_dtype=torch.float32, max_length=128,
+        # The GPU recipe's precision (bf16 weights loaded, fp32 master, bf16 compute) on CPU too, so the rehearsal
+        # takes the same code paths (autocast, FSDP2 casts, mixed-dtype LoRA) that the GPU run will.
+        tiny=True, arch=dict(TOY), compute_dtype=torch.bfloat16, max_length=128,
         doc_lengths=(50, 31, 27, 17), min_doc=8, max_doc=96, warmup_steps=1, timed_steps=2, curve_rows=2,
-        lora_r=4, loss_chunk_tokens=64, curve_lr=3e-3,
-        # The CPU rehearsal shares 2 cores with other work; flex_attention compiles for 15-45 s there.
-        budgets={"packed_vs_unpacked": 40, "probe": 90, "train": 40, "plan": 20, "curve_export": 60},
-        total_budget_s=110.0, hard_stop_s=170.0,
+        # 64-token output-layer chunks (12 bytes per vocabulary entry: sft.loss), so a row takes several.
+        lora_r=4, loss_chunk_mb=64 * 12 * TOY["vocab_size"] / 2**20, curve_lr=3e-3,
+        # About 30 s of CPU time (15 s with inductor's cache warm: flex_attention compiles C++ on CPU), but CI
+        # machines are shared: on 2 cores under a load of 10 that compilation took 85 s of wall time.
+        budgets={"packed_vs_unpacked": 60, "probe": 60, "probe_flex": 180, "train": 60, "plan": 30, "curve_export": 90},
+        total_budget_s=120.0, hard_stop_s=330.0,
     )
 
 
@@ -154,7 +162,10 @@ def versions() -> dict:
 
 
 def row(name: str, ok, value, unit: str, detail: str = "") -> dict:
-    """One line of the report. ok: True (PASS), False (FAIL) or None (SKIP, with the reason in detail)."""
+    """One line of the report. ok: True (PASS), False (FAIL) or None (SKIP, with the reason in detail).
+    A non-finite value (a diverged loss) becomes null with the value in the detail: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        value, detail, ok = None, f"value {value}; {detail}", (False if ok is not None else None)
     return {"name": name, "pass": ok, "value": value, "unit": unit, "detail": detail}
 
 
@@ -167,13 +178,27 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
-def model_config(scale: Scale, dtype: torch.dtype | None = None, attn: str = "sdpa", checkpointing: bool = False):
+def model_config(scale: Scale, dtype: torch.dtype | None = None, attn: str = "sdpa", checkpointing: bool = False,
+                 path: str | None = None):
+    """The run's `model` section. With `path`, the model loads from that checkpoint, as a real run's does."""
     from sft.model import ModelConfig
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype or scale.compute_dtype]
-    return ModelConfig(name="gpu_check_1b" if not scale.tiny else "gpu_check_toy", path=None, tokenizer=str(TOKENIZER),
+    return ModelConfig(name="gpu_check_1b" if not scale.tiny else "gpu_check_toy", path=path, tokenizer=str(TOKENIZER),
                        model_type="llama", arch=dict(scale.arch), dtype=name, attn_implementation=attn,
                        activation_checkpointing=checkpointing, init_seed=0)
+
+
+def write_checkpoint(scale: Scale, tok, dev: torch.device, out: Path) -> str:
+    """The model built from config values once (random weights, on the device: fast), saved as a Hugging Face
+    checkpoint that every check then loads. Random initialisation on the host takes ~10-25 s per build of
+    1.2B parameters (one thread draws the numbers); reading the checkpoint takes a few seconds."""
+    from sft.model import build_model
+
+    model = build_model(model_config(scale), tok, dev)
+    model.save_pretrained(str(out))  # safetensors: the only format transformers 5 writes
+    del model
+    return str(out)
 
 
 # ---------------------------------------------------------------- data

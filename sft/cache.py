@@ -27,7 +27,7 @@ from sft.errors import SFTError
 from sft.sources import list_data_files
 
 log = logging.getLogger("sft.data")
-CACHE_FORMAT = 2  # bump when the on-disk layout or the masking rules change
+CACHE_FORMAT = 3  # bump when the on-disk layout, the masking rules or the eval split change
 MANIFEST = "manifest.json"
 
 

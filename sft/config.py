@@ -40,6 +40,10 @@ class RunConfig:
     # force: like auto, but continue even if the trajectory settings changed (recorded in metrics.jsonl)
     resume: str = "auto"
     demo: bool = False  # score generated answers before and after training
+    # How long a rank waits in one collective before the run fails (NCCL/gloo process-group timeout). The
+    # longest wait is at start-up, while rank 0 alone reads the checkpoint and the others wait to receive
+    # it: 30 minutes covers a 7-8B model from a slow filesystem; the 70B experiment sets 60 (see there).
+    dist_timeout_minutes: int = 30
 
 
 @dataclass
@@ -171,11 +175,12 @@ def redact(obj):
 # the run goes, and where the data cache lives. Everything else (optim, global batch, model, data,
 # packing, seed, max_length, peft) is the trajectory that a resume must not change silently.
 NOT_TRAJECTORY = (
-    "run.name", "run.output_dir", "run.resume", "run.demo", "checkpoint", "logging", "eval", "parallelism", "cluster", "plan",
+    "run", "checkpoint", "logging", "eval", "parallelism", "cluster", "plan",
     "train.max_steps", "train.epochs", "train.log_every", "train.micro_batch_size", "train.loss_chunk_mb",
     "train.check_isolation", "train.skip_memory_check", "train.peak_tflops", "data.name", "data.cache_dir", "data.prepared", "data.num_proc",
     "model.attn_implementation", "model.activation_checkpointing",
 )
+TRAJECTORY_RUN_KEYS = ("run.seed",)  # of run.*, only the seed decides the weights (names, dirs, timeouts do not)
 
 
 def trajectory(cfg: SFTConfig | dict) -> dict:
@@ -183,7 +188,8 @@ def trajectory(cfg: SFTConfig | dict) -> dict:
     flat = {}
 
     def walk(prefix: str, value) -> None:
-        if any(prefix == k or prefix.startswith(k + ".") for k in NOT_TRAJECTORY):
+        kept = any(k == prefix or k.startswith(prefix + ".") for k in TRAJECTORY_RUN_KEYS)
+        if not kept and any(prefix == k or prefix.startswith(k + ".") for k in NOT_TRAJECTORY):
             return
         if isinstance(value, dict) and value:
             for k, v in value.items():

@@ -200,7 +200,7 @@ def _announce(data: PreparedData) -> None:
     warn_upsampling(data.manifest.get("sources", []))
     copies = data.manifest.get("filters", {}).get("eval_copy", {}).get("count", 0)
     if copies:
-        log.info("%d training examples were copies of eval examples (same text) and were removed from training", copies)
+        log.warning("%d training examples were copies of eval examples (same text) and were removed from training", copies)
 
 
 def build_into(cfg: DataConfig, tokenizer, template, eot_id: int, final: Path, key: str, parts: dict) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from sft import distributed as D
 from sft.data import Split
+from sft.errors import SFTError
 from sft.loader import collate
 from sft.packing import build_rows, plan_epoch
 from sft.templating import IGNORE_INDEX
@@ -51,8 +52,7 @@ def eval_loss(engine, split: Split, cfg: EvalConfig, max_length: int, strategy: 
         for s in range(len(plan.steps)):
             for mb_rows in plan.micro_batches(s, D.rank(), world):
                 mb = collate(mb_rows, split, pad_id, varlen)
-                inputs = {k: (v.to(engine.device) if torch.is_tensor(v) else v) for k, v in mb.model_inputs().items()}
-                total += float(engine.module(labels=mb.labels.to(engine.device), **inputs))
+                total += float(engine.loss_sum(mb))  # the engine's compute dtype; same calls on every rank
                 count += mb.num_target
     engine.module.train()
     total, count = D.all_reduce_sum([total, count])
@@ -66,15 +66,13 @@ class Prompt:
 
 
 def load_prompts(cfg: EvalConfig, split: Split, tokenizer, limit: int) -> list[Prompt]:
-    """Prompts from prompts_file, or each eval conversation cut before its first trained token."""
-    prompts = []
+    """Up to `limit` prompts with their reference answers: from eval.prompts_file (the demo's), or else from the
+    eval split itself -- each chosen conversation cut before its first trained token, the answer being that
+    trained turn. The eval split is sampled evenly, not from its head, so every source of a mixture shows."""
     if cfg.prompts_file:
-        for line in Path(cfg.prompts_file).read_text().splitlines()[:limit]:
-            rec = json.loads(line)
-            ids = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            prompts.append(Prompt(list(ids), rec["answer"]))
-        return prompts
-    for i in range(min(limit, len(split))):
+        return _prompts_from_file(Path(cfg.prompts_file), tokenizer, limit)
+    prompts = []
+    for i in _spread(len(split), limit):
         ids, labels = split.example(i)
         trained = np.flatnonzero(labels != IGNORE_INDEX)
         if len(trained) == 0:
@@ -85,6 +83,34 @@ def load_prompts(cfg: EvalConfig, split: Split, tokenizer, limit: int) -> list[P
             end += 1
         answer = tokenizer.decode(ids[first:end], skip_special_tokens=True)
         prompts.append(Prompt(ids[:first].tolist(), answer))
+    return prompts
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when k >= n); deterministic."""
+    if k >= n:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, num=max(k, 0))})
+
+
+def _prompts_from_file(path: Path, tokenizer, limit: int) -> list[Prompt]:
+    prompts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SFTError(f"eval.prompts_file={path}: cannot be read ({exc.strerror}); give a JSONL file or eval.prompts_file=null") from None
+    for lineno, line in enumerate(lines, 1):
+        if len(prompts) == limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            messages, answer = rec["messages"], rec["answer"]
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise SFTError(f"{path}:{lineno}: expected {{\"messages\": [...], \"answer\": \"...\"}} ({exc})") from None
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompts.append(Prompt(list(ids), answer))
     return prompts
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from sft.errors import SFTError
 from sft.loader import MicroBatch
 from sft.optim import OptimConfig, build_optimizer, build_scheduler
-from sft.parallel import DCPStateMixin, ParallelConfig, Precision, TrainEngine, to_device
+from sft.parallel import DCPStateMixin, ParallelConfig, Precision, TrainEngine, export_dtype, to_device
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class FSDPEngine(DCPStateMixin, TrainEngine):
                 continue
             if hasattr(value, "full_tensor"):  # a shard: all-gather this one tensor only
                 value = value.full_tensor()
-            yield name, (value.detach().cpu().clone() if D.rank() == 0 else None)
+            yield name, (export_dtype(value.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
 
 
 def _fill_from_rank0(module: nn.Module, full_state: dict, device, offloaded: bool) -> None:

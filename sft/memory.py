@@ -107,14 +107,15 @@ class Architecture:
         return sum(p.numel for p in self.params if trainable is None or p.trainable == trainable)
 
 
-def build_architecture(cfg) -> Architecture:
+def build_architecture(cfg, online: bool = False) -> Architecture:
     """The recipe's model on the meta device: the offline skeleton (sft.model.build_skeleton: the checkpoint's
     config.json when it is here, else model.arch), PEFT applied, trained tensors cast to the master dtype as
-    sft.parallel.build_loss_module does. No memory, no download."""
+    sft.parallel.build_loss_module does. No memory, no download; `online` (sft.train's start-up check) reads
+    the config training reads (sft.model.build_hf_config: config.json fetched when it is not here)."""
     from sft.flops import model_flops
     from sft.model import apply_peft, build_skeleton, causal_lm
 
-    model = apply_peft(build_skeleton(cfg.model), cfg.peft)
+    model = apply_peft(_online_skeleton(cfg.model) if online else build_skeleton(cfg.model), cfg.peft)
     master = _dtype(cfg.parallelism.master_dtype)
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != master:
@@ -132,6 +133,18 @@ def build_architecture(cfg) -> Architecture:
             embed_name = name
     vocab = lm.get_output_embeddings().weight.shape[0]
     return Architecture(params, lm.config, vocab, model_flops(model), embed_name)
+
+
+def _online_skeleton(model_cfg):
+    """The skeleton from the config training uses (sft.model.build_hf_config: config.json fetched if needed); the
+    attention backend does not change any parameter, so the one every machine has builds it."""
+    from transformers import AutoModelForCausalLM
+
+    from sft.model import DTYPES, build_hf_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(build_hf_config(model_cfg), attn_implementation="sdpa",
+                                                dtype=DTYPES[model_cfg.dtype])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +174,7 @@ def _chunk_rows(dim0: int, world: int, rank: int) -> int:
 STEP_BYTES = 4  # torch AdamW keeps `step` as a 0-dim fp32 tensor per parameter
 
 
-def fsdp_state(arch: Architecture, par, world: int, rank: int = 0) -> StateBytes:
+def fsdp_state(arch: Architecture, par, world: int, rank: int = 0, accumulation: int = 2) -> StateBytes:
     s = StateBytes()
     reduce_bytes = _bytes(_dtype(par.reduce_dtype))
     for p in arch.params:
@@ -171,7 +184,7 @@ def fsdp_state(arch: Architecture, par, world: int, rank: int = 0) -> StateBytes
             continue
         s.grads += padded * _bytes(p.dtype)  # reduce-scatter output, cast to the shard's dtype
         s.optimizer += 2 * _chunk_rows(p.dim0, world, rank) * p.row_numel * _bytes(p.dtype) + STEP_BYTES
-        if par.accumulate_unsharded:  # FSDP2's unsharded accumulation buffer, reduce dtype, whole tensor
+        if par.accumulate_unsharded and accumulation > 1:  # FSDP2's unsharded accumulation buffer, reduce dtype, whole tensor
             s.buffers += p.numel * reduce_bytes
     return s
 
@@ -335,10 +348,10 @@ def ds_config_for(cfg, world: int, accumulation: int) -> dict:
     return deepspeed_config(spec, precision(cfg))
 
 
-def state_for(arch: Architecture, cfg, world: int, accumulation: int = 1, rank: int = 0) -> StateBytes:
+def state_for(arch: Architecture, cfg, world: int, accumulation: int = 2, rank: int = 0) -> StateBytes:
     par = cfg.parallelism
     if par.strategy == "fsdp":
-        return fsdp_state(arch, par, world, rank)
+        return fsdp_state(arch, par, world, rank, accumulation)
     if par.strategy == "zero3":
         return zero3_state(arch, ds_config_for(cfg, world, accumulation), world)
     return ddp_state(arch, par, world)

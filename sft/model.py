@@ -91,12 +91,11 @@ def _checkpoint_config_dict(cfg: ModelConfig) -> Optional[dict]:
 
 
 def context_length(cfg: ModelConfig) -> Optional[int]:
-    """max_position_embeddings the run will have: overrides, else the checkpoint's config.json, else `arch`."""
-    for values in (cfg.config_overrides, _checkpoint_config_dict(cfg) or {}, cfg.arch):
-        value = values.get("max_position_embeddings") or (values.get("text_config") or {}).get("max_position_embeddings")
-        if value:
-            return int(value)
-    return None
+    """max_position_embeddings of the model the run builds (checkpoint or arch, with config_overrides); offline."""
+    hf_config = _offline_config(cfg)
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def _check_peft(cfg: ModelConfig, peft: PeftConfig) -> None:
@@ -110,11 +109,14 @@ def _check_peft(cfg: ModelConfig, peft: PeftConfig) -> None:
         raise SFTError(f"peft.dropout={peft.dropout} must be in [0, 1)")
     if not peft.target_modules:
         raise SFTError("peft.target_modules is empty; name the linear layers to adapt (e.g. [q_proj,v_proj])")
-    # Every name must match a linear layer: PEFT itself only fails when none does, so a typo in one of
-    # seven names would silently train fewer adapters. Checked on the meta-device skeleton: no weights.
-    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in _meta_model(cfg).named_modules() if isinstance(mod, torch.nn.Linear)})
-    missing = [t for t in peft.target_modules if t not in linear]
+    # Every name must match a layer, as PEFT matches them (the full module name, or its last dotted parts):
+    # PEFT itself only fails when no name matches, so a typo in one of seven names would silently train
+    # fewer adapters. Checked on the meta-device skeleton: no weights are read.
+    modules = dict(_meta_model(cfg).named_modules())
+    leaves = [name for name, mod in modules.items() if name and not any(True for _ in mod.children())]
+    missing = [t for t in peft.target_modules if not any(n == t or n.endswith("." + t) for n in leaves)]
     if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
         raise SFTError(f"peft.target_modules: {', '.join(missing)} match no linear layer of the model; "
                        f"its linear layers are {', '.join(linear)}")
 

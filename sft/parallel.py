@@ -126,6 +126,12 @@ def to_device(mb: MicroBatch, device) -> dict:
     return out
 
 
+def export_dtype(t: torch.Tensor, precision: Precision, trainable_only: bool) -> torch.Tensor:
+    """A whole exported model is written in the dtype it was loaded in (bf16 for the GPU models: a 70B export
+    in fp32 master precision would be twice the size); an adapter-only export keeps its master dtype."""
+    return t.to(precision.frozen) if (t.is_floating_point() and not trainable_only) else t
+
+
 class TrainEngine(abc.ABC):
     """What the loop, evaluation, checkpointing and export may ask of any engine."""
 
@@ -262,7 +268,7 @@ class Engine(DCPStateMixin, TrainEngine):
         for name, value in self.module.model.state_dict().items():
             if trainable_only and name not in trainable:
                 continue
-            yield name, (value.detach().cpu().clone() if D.rank() == 0 else None)
+            yield name, (export_dtype(value.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
 
 
 @dataclass

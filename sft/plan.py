@@ -87,11 +87,18 @@ def _variants(cfg, world: int):
         yield "peft=lora (train adapters, freeze the base)", tweak(lambda c: setattr(c.peft, "method", "lora")), world
 
 
+def _accumulation(cfg, world: int) -> int:
+    try:
+        return C.derive_accumulation(cfg.train, world)
+    except SFTError:  # a candidate world size the global batch does not divide: the nearest whole split
+        return max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * world))
+
+
 def cheapest_fix(cfg, world: int, capacity: int, arch) -> str | None:
     for what, variant, w in _variants(cfg, world):
         try:
             same_arch = variant.peft.method == cfg.peft.method
-            mp = plan_memory(variant, w, capacity, arch if same_arch else None)
+            mp = plan_memory(variant, w, capacity, arch if same_arch else None, _accumulation(variant, w))
         except SFTError:
             continue
         if mp.fits:
@@ -105,7 +112,7 @@ def check_memory_fits(cfg, world: int, gpu_memory_bytes: int) -> None:
     if getattr(cfg.train, "skip_memory_check", False):
         return
     accumulation = C.derive_accumulation(cfg.train, world)
-    arch = build_architecture(cfg)
+    arch = build_architecture(cfg, online=True)  # the skeleton training builds next (config.json fetched if needed)
     mp = plan_memory(cfg, world, gpu_memory_bytes, arch, accumulation)
     if mp.fits:
         return
@@ -144,7 +151,10 @@ def host_and_disk(cfg, arch, world: int, mp: MemoryPlan) -> dict:
         ckpt = sum(p.numel for p in trained) * (12 + lp)
     else:
         ckpt = 3 * master_bytes  # DCP: trained weights + exp_avg + exp_avg_sq (frozen weights are not written)
-    export = master_bytes if cfg.peft.method != "none" else model_bytes
+    # final/ holds the tensors as the engine keeps them (export.write_tensors does not cast): trained weights in
+    # the master dtype, frozen ones in model.dtype; a LoRA run exports its adapters only.
+    held = sum(p.numel * _bytes(p.dtype) for p in arch.params)
+    export = master_bytes if cfg.peft.method != "none" else held
     keep = max(1, cfg.checkpoint.keep) if cfg.checkpoint.keep else 1
     out = {"host_memory_gb": _gib(peak_host), "host_loading": how, "checkpoint_gb": _gib(ckpt),
            "checkpoints_kept_gb": _gib(ckpt * keep), "checkpoints_while_saving_gb": _gib(ckpt * (keep + 1)),
@@ -270,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    if len(argv) >= 2 and argv[0] == "--default-experiment":  # the Slurm scripts' preset, unless an override names one
+        preset, argv = argv[1], argv[2:]
+        if preset and not any(a.lstrip("+").startswith("experiment=") for a in argv):
+            argv = [f"experiment={preset}", *argv]
     try:
         cfg = compose_from_argv(argv)
         _, code = run_plan(cfg)

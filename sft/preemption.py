@@ -57,6 +57,7 @@ class StopFlag:
         self.requeue_wanted = False
         self.orphaned = False
         self._interrupted_at: float | None = None
+        self._pid = os.getpid()
         self._parent = os.getppid() if _launched_by_agent() else None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
@@ -71,7 +72,7 @@ class StopFlag:
                     raise KeyboardInterrupt
                 return
             self._interrupted_at = time.monotonic()
-            if os.environ.get("RANK", "0") == "0":
+            if os.environ.get("RANK", "0") == "0" and os.getpid() == self._pid:  # not from forked data workers
                 print("\nCtrl-C: saving at the next step boundary, then exiting (Ctrl-C again: exit without saving)",
                       file=sys.stderr, flush=True)
         # The first signal decides (a TERM that follows the USR1 warning must not cancel the requeue).

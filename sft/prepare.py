@@ -48,6 +48,21 @@ def _n(x) -> str:
     return f"{x:.0f}"
 
 
+def _assistant_token_lines(m: dict, overlong: str) -> list[str]:
+    """What the build lost of what the data asks to train: assistant tokens in, and trained (training split)."""
+    if "assistant_tokens" not in m:
+        return []
+
+    def line(label: str, a: dict) -> str:
+        share = f" ({100 * a['trained'] / a['input']:.2f}%)" if a["input"] else ""
+        return f"{label}: input {a['input']:,}, trained {a['trained']:,}{share}"
+
+    out = [line(f"assistant_tokens (training split, data.overlong={overlong})", m["assistant_tokens"])]
+    if len(m["sources"]) > 1:
+        out += ["  " + line(s["path"], s["assistant_tokens"]) for s in m["sources"] if "assistant_tokens" in s]
+    return out
+
+
 def format_summary(data: PreparedData, fig: dict, cfg: C.SFTConfig, built: bool) -> str:
     m = data.manifest
     b = m["build"]
@@ -72,8 +87,10 @@ def format_summary(data: PreparedData, fig: dict, cfg: C.SFTConfig, built: bool)
         out.append(f"{name}: {f['count']:,} {what}{split}; e.g. {f['examples'][0]['where']}: {f['examples'][0]['why']}")
     for split in ("train", "eval"):
         t = m[split]
-        out.append(f"{split:<5} {t['examples']:>9,} examples  {_n(t['tokens'])} tokens ({_n(t['target_tokens'])} trained), "
+        repeats = f" (the mixture sampled them from {t['kept']:,} kept)" if t.get("kept", t["examples"]) != t["examples"] else ""
+        out.append(f"{split:<5} {t['examples']:>9,} examples{repeats}  {_n(t['tokens'])} tokens ({_n(t['target_tokens'])} trained), "
                    f"{t['truncated']:,} truncated")
+    out += _assistant_token_lines(m, cfg.data.overlong)
     ln = m["lengths"]
     if ln:
         out.append(f"lengths: mean {ln['mean']:,.0f}, p50 {ln['p50']:,}, p90 {ln['p90']:,}, p99 {ln['p99']:,}, max {ln['max']:,} tokens")

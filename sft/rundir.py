@@ -114,9 +114,16 @@ class RunLock:
         tmp = self.path.with_name(f".{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}")
         tmp.write_bytes(me)
         try:
-            os.link(tmp, self.path)  # atomic and exclusive, also over NFS
+            os.link(tmp, self.path)  # atomic and exclusive, also over NFS; the lock appears complete
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: an exclusive create (complete a moment later)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            os.write(fd, me)
+            os.close(fd)
         finally:
             tmp.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_RDWR)

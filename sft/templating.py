@@ -9,6 +9,10 @@ Two ways to find the assistant spans, because templates differ:
   The difference is exactly the assistant's text. This needs a template that renders earlier
   turns the same whatever follows; templates that rewrite history (e.g. drop earlier reasoning)
   are refused with a message, never silently mis-masked.
+
+This is the reference path: one conversation at a time, every rendering through
+`apply_chat_template`. Data builds use sft/batch_encode.py, which gives the same tokens and masks
+for a batch at once (tested token for token against this module) and falls back to it.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ def resolve_eot_id(tokenizer, eot_token: str | None) -> int:
         if ids[0] is None or ids[0] == tokenizer.unk_token_id:
             raise SFTError(f"model.eot_token={eot_token!r} is not a token of the tokenizer")
         return ids[0]
-    vocab = tokenizer.get_vocab()
+    # Token by token, not get_vocab(): building a 151k-entry dict costs about a second per call.
     for tok in KNOWN_EOT_TOKENS:
-        if tok in vocab and tok in (tokenizer.chat_template or ""):
-            return vocab[tok]
+        if tok in (tokenizer.chat_template or ""):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is not None and (tid != tokenizer.unk_token_id or tok == tokenizer.unk_token):
+                return tid
     if tokenizer.eos_token_id is None:
         raise SFTError("tokenizer has no eos token and model.eot_token is not set")
     return tokenizer.eos_token_id

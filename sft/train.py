@@ -26,7 +26,7 @@ from sft.errors import SFTError
 from sft.evaluate import eval_loss, exact_match, generate_answers, load_prompts, tracks_best
 from sft.export import export_final
 from sft.loader import collate
-from sft.flops import attention_pairs, mfu, model_flops
+from sft.flops import model_flops
 from sft.loss import agreed_chunk_counts, check_document_isolation, chunks_needed
 from sft.metrics import MetricsLogger, Throughput, format_summary, write_report
 from sft.model import VARLEN_BACKENDS, build_tokenizer
@@ -60,7 +60,7 @@ class Setup:
 def prepare(cfg: C.SFTConfig) -> Setup:
     """All checks and the data, before any model exists."""
     stop = StopFlag()  # first: a warning signal during start-up must still lead to a save and requeue
-    rank, local_rank, world = D.init_distributed(always=needs_process_group(cfg.parallelism))
+    rank, local_rank, world = D.init_distributed(cfg.run.dist_timeout_minutes, always=needs_process_group(cfg.parallelism))
     _setup_logging(None, rank)  # stderr only: the run directory gets its logs once the run really starts
     accumulation = C.validate(cfg, world)
     run_dir = Path(D.broadcast_object(cfg.run.output_dir))
@@ -134,7 +134,8 @@ def _demo_score(engine, s: Setup, when: str, logger) -> float | None:
     if not cfg.run.demo or not engine.can_generate:
         return None
     prompts = load_prompts(cfg.eval, s.data.eval, s.tokenizer, cfg.eval.score_prompts)
-    answers = generate_answers(engine.module.lm, s.tokenizer, prompts, cfg.eval.max_new_tokens, s.eot_id, s.device)
+    with engine.compute_context():
+        answers = generate_answers(engine.module.lm, s.tokenizer, prompts, cfg.eval.max_new_tokens, s.eot_id, s.device)
     score = exact_match(prompts, answers)
     logger.write(f"demo exact match {when} training: {score:.1%} of {len(prompts)} held-out prompts")
     for p, a in list(zip(prompts, answers))[:3]:
@@ -149,7 +150,8 @@ def _evaluate(engine, s: Setup, step: int, tokens: int, logger) -> float:
     event = {"step": step, "tokens": tokens, "eval_loss": loss}
     if cfg.eval.generate and engine.can_generate and s.rank == 0:
         prompts = load_prompts(cfg.eval, s.data.eval, s.tokenizer, cfg.eval.generate)
-        answers = generate_answers(engine.module.lm, s.tokenizer, prompts, cfg.eval.max_new_tokens, s.eot_id, s.device)
+        with engine.compute_context():
+            answers = generate_answers(engine.module.lm, s.tokenizer, prompts, cfg.eval.max_new_tokens, s.eot_id, s.device)
         event["exact_match"] = exact_match(prompts, answers)
         event["samples"] = [{"expected": p.answer, "generated": a} for p, a in zip(prompts, answers)]
     logger.log(event)

@@ -11,8 +11,8 @@ from torch import nn
 
 from sft.errors import SFTError
 from sft.loader import MicroBatch
-from sft.optim import OptimConfig, build_optimizer, build_scheduler, param_groups
-from sft.parallel import EngineSpec, Precision, TrainEngine, to_device
+from sft.optim import build_optimizer, build_scheduler, param_groups
+from sft.parallel import EngineSpec, Precision, TrainEngine, export_dtype, to_device
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "zero3"
@@ -127,7 +127,7 @@ class ZeroEngine(TrainEngine):
             if trainable_only and not p.requires_grad:
                 continue
             with GatheredParameters([p], modifier_rank=None):  # one tensor at a time: no full copy on any rank
-                yield name, (p.data.detach().cpu().clone() if D.rank() == 0 else None)
+                yield name, (export_dtype(p.data.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
 
     def save_state(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)

@@ -39,7 +39,10 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 # The per-node launcher (torchrun's agent, also inside `accelerate launch`) must survive and
 # forward the stop signals: by default it handles only TERM/INT/HUP/QUIT, so SIGUSR1 (the time-limit
 # warning) would kill the agent and, with it, the training processes in the middle of a save.
-# Handled signals are forwarded to the workers, and the agent waits this long for them to save.
+# Handled signals are forwarded to the workers, and the agent waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# for them to save before killing them: 170 fits a 180 s warning (#SBATCH --signal=B:USR1@180, LoRA);
+# slurm/sft_70b.sh sets 570 for its 600 s warning. Both variables need torch >= 2.11 (PET_SIGNALS_TO_HANDLE
+# since 2.9, the shutdown timeout since 2.11; older torchrun ignores them: agent killed by USR1, 30 s).
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}"
 

@@ -50,7 +50,7 @@ def test_eval_max_caps_each_source(tmp_path, tokenizer):
         prepare_data(data_config(tmp_path, a, eval_max=-1), tokenizer, None, None)
 
 
-def test_no_eval_example_is_trained_on_whatever_the_filters(tmp_path, tokenizer, capsys):
+def test_no_eval_example_is_trained_on_whatever_the_filters(tmp_path, tokenizer, capsys, caplog):
     """A file where most conversations occur several times (some with other spacing): with the default
     filters (de-duplication off) no eval conversation reaches training, and the removed copies are counted."""
     rng = random.Random(0)
@@ -68,7 +68,9 @@ def test_no_eval_example_is_trained_on_whatever_the_filters(tmp_path, tokenizer,
 
     run(cfg, world=1)
     out = capsys.readouterr().out
-    data = prepare_data(cfg.data, tokenizer, None, None)
+    with caplog.at_level(logging.WARNING, logger="sft.data"):
+        data = prepare_data(cfg.data, tokenizer, None, None)  # the cache again: reused, and still reported
+    assert not data.built
     text = [_norm(r["messages"]) for r in records]
     eval_texts = {text[int(r)] for r in data.eval.rows}
     assert len(data.eval) == 30 and not any(text[int(r)] in eval_texts for r in data.train.rows)
@@ -76,6 +78,7 @@ def test_no_eval_example_is_trained_on_whatever_the_filters(tmp_path, tokenizer,
     assert copies > 30  # most eval conversations had training copies
     assert data.manifest["filters"]["eval_copy"]["count"] == copies
     assert f"eval_copy: {copies} training copies of eval examples removed" in out
+    assert any(f"{copies} training examples were copies of eval examples" in r.message for r in caplog.records)
     assert len(data.train) == 300 - 30 - copies
 
 

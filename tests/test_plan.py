@@ -34,33 +34,43 @@ def _predicted(overrides, world, rank, accumulation):
     return state_for(build_architecture(cfg), cfg, world, accumulation, rank)
 
 
+CASES = {
+    "fsdp-tiny": ["parallelism=fsdp", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    "fsdp-tiny-lora": ["parallelism=fsdp", "peft=lora", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    "zero3-tiny": ["parallelism=zero3", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    "fsdp-100M": ["parallelism=fsdp", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
+    "zero3-100M": ["parallelism=zero3", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    ["parallelism=fsdp", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
-    ["parallelism=fsdp", "peft=lora", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
-    ["parallelism=zero3", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
-    ["parallelism=fsdp", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
-    ["parallelism=zero3", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
-], ids=["fsdp-tiny", "fsdp-tiny-lora", "zero3-tiny", "fsdp-100M", "zero3-100M"])
-def test_state_bytes_equal_the_engines(case, tmp_path):
+def test_state_bytes_equal_the_engines(tmp_path):
+    """All cases in one 2-process group (one start-up); each builds its engine through sft.train/sft.parallel."""
     from test_distributed import torchrun
 
-    out = tmp_path / "bytes"
-    res = torchrun([str(REPO / "tests"), str(out), *case], script=str(REPO / "tests" / "workers" / "state_bytes.py"))
+    args = [str(REPO / "tests"), str(tmp_path / "bytes")]
+    for i, case in enumerate(CASES.values()):
+        args += (["--"] if i else []) + case
+    res = torchrun(args, script=str(REPO / "tests" / "workers" / "state_bytes.py"))
     assert res.returncode == 0, res.stderr[-4000:]
-    cfg = compose(case)
-    accumulation = cfg.train.global_batch_size // (2 * cfg.train.micro_batch_size)
-    for rank in (0, 1):
-        measured = json.loads((tmp_path / f"bytes.rank{rank}.json").read_text())
-        s = _predicted(case, 2, rank, accumulation)
-        assert measured["params"] == s.params
-        assert measured["grads"] == s.grads
-        assert measured["optimizer"] == s.optimizer
-        if cfg.parallelism.strategy == "zero3":
-            assert measured["master"] == s.master
-            assert measured["buffers"] == s.buffers
-    if "fsdp-100M" in str(case) or "32001" in " ".join(case):
-        assert s.params > 99e6 * 4 / 2 * 0.95  # it is the ~100M model
+    for i, (name, case) in enumerate(CASES.items()):
+        cfg = compose(case)
+        accumulation = cfg.train.global_batch_size // (2 * cfg.train.micro_batch_size)
+        for rank in (0, 1):
+            measured = json.loads((tmp_path / f"bytes.{i}.rank{rank}.json").read_text())
+            s = _predicted(case, 2, rank, accumulation)
+            predicted = {"params": s.params, "grads": s.grads, "optimizer": s.optimizer}
+            if cfg.parallelism.strategy == "zero3":
+                predicted.update(master=s.master, buffers=s.buffers)
+            assert {k: measured[k] for k in predicted} == predicted, (name, rank)
+        if "100M" in name:
+            assert 95e6 < sum(p.numel for p in _arch(case).params) < 105e6
+
+
+def _arch(overrides):
+    from sft.memory import build_architecture
+
+    return build_architecture(compose(overrides))
 
 
 def _saved_bytes(module, ids, pos, labels) -> int:
@@ -107,32 +117,44 @@ def test_activation_estimate_within_25_percent_of_autograd(backend, dtype, check
 
 # Published per-GPU peaks (torchtune README "Memory and training speed", pytorch/torchtune@0031bfb, configs
 # recipes/configs/llama3_1/70B_lora.yaml and 70B_full.yaml): batch size 2, packed to 2048 tokens, FSDP2 on
-# 8 x A100 80GB, activation checkpointing, bf16. LoRA on q, v, o and the MLP, rank 16.
-#   70B LoRA                                  27.6 GiB
-#   70B full fine-tuning with CPU offload     13.9 GiB (fused optimizer in the backward)
-# Compared with the predicted allocator peak (without the CUDA-context/NCCL allowances, which torch's
-# counters do not see). Differences: torchtune keeps adapters and their AdamW state in bf16 (ours fp32:
-# +0.3 GiB), computes with torch.compile (less activation memory), and shards the embedding and output
-# layer as their own FSDP units in the offload recipe (we gather the root as one unit: +2 GiB there).
-# torchtitan's tables (docs/performance.md, benchmarks/llama3_h100_202412_torchtitan.md) report WPS/MFU,
-# or memory only with Float8 / selective op checkpointing / full-vocabulary logits, none comparable.
+# 8 x A100 80GB, activation checkpointing, bf16 everywhere, torch.compile on.
+#   70B LoRA (q, v, o and the MLP, rank 16)                     27.6 GiB
+#   70B full fine-tuning, CPU offload, optimizer in backward    13.9 GiB
+# Compared with the predicted bytes the allocator hands out (the plan's peak less its fragmentation, CUDA
+# context and NCCL allowances, which torch's allocated counter does not include). Differences, explained:
+# - torchtune keeps LoRA adapters and their AdamW state in bf16 (ours fp32: +0.2 GiB) and compiles the model
+#   (fewer saved intermediates inside the recompute window); we stay 13% above its LoRA figure.
+# - its offload recipe shards the embedding and the output layer as separate FSDP units
+#   (custom_sharded_layers), so only one of them is gathered at a time and the output layer's gradient is
+#   reduced as soon as it exists; ours gathers the root (both) for the whole step. The test replaces our
+#   root terms by that layout, from our own itemised numbers, and reduces in bf16 as torchtune does.
+# torchtitan's tables (docs/performance.md, benchmarks/llama3_h100_202412_torchtitan.md) give WPS/MFU, and
+# memory only with Float8, selective op checkpointing and full-vocabulary logits: not comparable.
 PUBLISHED = [
     (["model=llama3_70b", "parallelism=fsdp", "peft=lora", "peft.target_modules=[q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-      "parallelism.param_dtype=bfloat16", "model.activation_checkpointing=true"], 27.6),
-    (["model=llama3_70b", "parallelism=fsdp_offload", "parallelism.param_dtype=bfloat16",
-      "model.activation_checkpointing=true"], 13.9),
+      "parallelism.param_dtype=bfloat16", "parallelism.reduce_dtype=bfloat16", "parallelism.master_dtype=bfloat16",
+      "model.activation_checkpointing=true"], 27.6, False),
+    (["model=llama3_70b", "parallelism=fsdp_offload", "parallelism.param_dtype=bfloat16", "parallelism.reduce_dtype=bfloat16",
+      "model.activation_checkpointing=true"], 13.9, True),
 ]
 
 
-@pytest.mark.parametrize("overrides,published_gib", PUBLISHED, ids=["torchtune-70B-lora", "torchtune-70B-full-offload"])
-def test_published_references_within_15_percent(overrides, published_gib):
-    from sft.memory import CUDA_CONTEXT_BYTES, NCCL_BYTES, GiB, plan_memory
+@pytest.mark.parametrize("overrides,published_gib,separate_root_units", PUBLISHED,
+                         ids=["torchtune-70B-lora", "torchtune-70B-full-offload"])
+def test_published_references_within_15_percent(overrides, published_gib, separate_root_units):
+    from sft.memory import GiB, build_architecture, plan_memory
 
     cfg = compose(["data.path=/nonexistent.jsonl", "data=jsonl", "train.micro_batch_size=2", "data.max_length=2048",
                    "train.global_batch_size=16", "model.attn_implementation=sdpa", "packing=off", *overrides])
-    mp = plan_memory(cfg, 8, 80 * GiB)
-    allocator = (mp.peak - CUDA_CONTEXT_BYTES - NCCL_BYTES) / GiB
-    assert abs(allocator - published_gib) <= 0.15 * published_gib, (allocator, mp.items)
+    arch = build_architecture(cfg)
+    mp = plan_memory(cfg, 8, 80 * GiB, arch)
+    allocated = {k: v for k, v in mp.items.items() if not k.startswith(("allocator", "CUDA", "NCCL"))}
+    if separate_root_units:
+        allocated.pop("gathered root (embeddings, norm, output layer)")
+        allocated.pop("output layer gradients until the root's reduce-scatter")
+        allocated["one of embedding / output layer gathered"] = max(p.numel for p in arch.params if p.layer < 0) * 2
+    predicted = sum(allocated.values()) / GiB
+    assert abs(predicted - published_gib) <= 0.15 * published_gib, (predicted, allocated)
 
 
 def _plan(args, tmp_path):
@@ -180,7 +202,8 @@ def test_check_memory_fits_refuses_with_the_skip_hint():
     from sft.memory import GiB
     from sft.plan import check_memory_fits
 
-    cfg = compose(["experiment=llama3_70b_full", "data.path=/nonexistent.jsonl"])
+    # model.path=null: the architecture from model.arch (no Hub here; training would fetch config.json)
+    cfg = compose(["experiment=llama3_70b_full", "data.path=/nonexistent.jsonl", "model.path=null"])
     with pytest.raises(SFTError, match="train.skip_memory_check=true"):
         check_memory_fits(cfg, 8, 80 * GiB)
     check_memory_fits(cfg, 64, 80 * GiB)  # the recipe's 8 nodes fit
@@ -208,3 +231,18 @@ def test_mask_refusals_on_real_templates(tokenizer):
     assert mask_refusals(Split(Dataset.from_dict({k: v[:1] for k, v in rows.items()})), eot, tokenizer.pad_token_id,
                          tokenizer.eos_token_id, raw_text=False) == []
     assert np.all(np.asarray(good) != 0)
+
+
+@pytest.mark.slow
+def test_slurm_script_stops_a_run_that_cannot_fit_before_srun(tmp_path):
+    """slurm/sft_70b.sh on 1 node: the preflight refuses Llama-3-70B full fine-tuning on 8 GPUs, srun never runs."""
+    from test_slurm import slurm_env
+
+    env = slurm_env(tmp_path, job_id=4343, nodes=1, nodelist="gpu-001", SFT_GPUS_PER_NODE=8, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "sft_70b.sh"), "data.path=/nonexistent.jsonl"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "does NOT fit" in proc.stdout and "cluster.nodes=" in proc.stdout
+    assert json.loads((tmp_path / "plan-4343.json").read_text())["fits"] is False
+    log = tmp_path / "stub.log"
+    assert not log.exists() or "srun" not in log.read_text()

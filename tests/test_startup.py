@@ -243,7 +243,7 @@ from pathlib import Path
 from sft import checkpoint as ckpt
 from sft.errors import SFTError
 
-class Engine:  # writes shards of a given size, like an engine's sharded save
+class Engine:  # writes shards of a given size, like an engine saving its shards
     def __init__(self, nbytes):
         self.nbytes = nbytes
     def save_state(self, directory):
@@ -267,7 +267,9 @@ print(json.dumps({"message": message, "entries": sorted(p.name for p in root.ite
 @needs_unshare
 def test_disk_full_during_a_save_is_one_error_and_leaves_no_partial(tmp_path):
     mnt = tmp_path / "disk"
-    res = _in_tmpfs(mnt, "size=4m", f"\"$PY\" -c '{ENOSPC_SAVE}' \"$MNT/run\"")
+    script = tmp_path / "save.py"
+    script.write_text(ENOSPC_SAVE)
+    res = _in_tmpfs(mnt, "size=4m", f"PYTHONPATH='{REPO}' \"$PY\" '{script}' \"$MNT/run\"")
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert re.match(r".*checkpoints: disk full while writing checkpoint step-000002 .*resumes from checkpoints/LATEST",
@@ -314,18 +316,31 @@ def test_signal_saves_and_exits_with_its_code(sig, code, tmp_path):
     assert not (run / "final").exists() and not (run / "run.lock").exists()
 
 
-def test_start_up_line_says_what_was_dropped_and_an_empty_eval_split_writes_no_eval(tmp_path):
+@pytest.fixture(scope="module")
+def no_eval_run(tmp_path_factory):
+    """12 short conversations, 2 over data.max_length, no eval split, an eval cadence that would evaluate."""
+    tmp = tmp_path_factory.mktemp("noeval")
     good = [{"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
             for i in range(12)]
     long = [{"messages": [{"role": "user", "content": "x" * 1100}, {"role": "assistant", "content": "too long"}]}] * 2
-    data = tmp_path / "chats.jsonl"
+    data = tmp / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in good + long))
-    run = tmp_path / "run"
+    run = tmp / "run"
     res = run_cli([*BASE, f"run.output_dir={run}", "train.max_steps=2", "data=jsonl", f"data.path={data}",
                    "data.eval_fraction=0", "data.max_length=256", "eval.every=1"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return run, res
+
+
+def test_start_up_line_says_what_was_dropped_and_that_there_is_no_eval(no_eval_run):
+    run, res = no_eval_run
     assert re.search(r"12 train / 0 eval examples; dropped from train: 2 over data\.max_length", res.stderr), res.stderr[-3000:]
     assert res.stderr.count("no eval examples, so no evaluation") == 1
+    assert "12 train / 0 eval examples; dropped from train: 2 over data.max_length" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_empty_eval_split_writes_no_eval_events_and_no_nan(no_eval_run):
+    run, _ = no_eval_run
     metrics = (run / "metrics.jsonl").read_text()
     assert "eval_loss" not in metrics and "NaN" not in metrics
     assert "NaN" not in (run / "summary.json").read_text()

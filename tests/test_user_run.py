@@ -119,3 +119,24 @@ def test_two_process_fsdp_on_own_data_with_no_batch_override(tmp_path):
     assert any("eval_loss" in e for e in events)
     assert (out / "checkpoints" / "LATEST").exists() and (out / "final" / "config.json").exists()
     assert "demo exact match" not in res.stdout + res.stderr
+
+
+def test_eval_prompts_come_from_the_eval_split_spread_over_it(tmp_path, tokenizer):
+    """With no prompts file (every run but the demo), a generation prompt is an eval conversation cut before
+    its first trained token: exactly what the chat template renders as the generation prompt, and the
+    reference answer is that assistant turn. Prompts are spread over the split, not taken from its head."""
+    from data_helpers import chat, data_config, write_jsonl
+    from sft.data import prepare_data
+    from sft.evaluate import EvalConfig, load_prompts
+
+    records = [chat(f"question {i}?", f"answer {i}", system="Be brief." if i % 2 else None) for i in range(20)]
+    path = write_jsonl(tmp_path / "chats.jsonl", records)
+    split = prepare_data(data_config(tmp_path, path), tokenizer, None, None).train
+    prompts = load_prompts(EvalConfig(prompts_file=None), split, tokenizer, 4)
+    assert len(prompts) == 4
+    by_answer = {r["messages"][-1]["content"]: r["messages"][:-1] for r in records}
+    for p in prompts:
+        want = tokenizer.apply_chat_template(by_answer[p.answer], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert p.ids == list(want["input_ids"])
+    positions = sorted(next(i for i in range(len(split)) if split.example(i)[0][: len(p.ids)].tolist() == p.ids) for p in prompts)
+    assert positions[0] == 0 and positions[-1] == len(split) - 1  # the first and the last, and two between
