@@ -7,6 +7,11 @@
 #
 # NPROC defaults to the number of visible GPUs (1 without any). SFT_LAUNCHER=torchrun uses torchrun
 # instead of `accelerate launch`; both only start processes. Other knobs: slurm/env.sh.
+#
+# Stopping: slurm/env.sh exports PET_SIGNALS_TO_HANDLE, so the launcher (torchrun's agent, also inside
+# accelerate launch) survives SIGUSR1/SIGUSR2 and forwards every stop signal to all ranks, which save at
+# the same step boundary and exit 128+signal (Ctrl-C: 130, SIGTERM: 143). A rank whose launcher dies
+# anyway stops at the next step boundary with a checkpoint (sft/preemption.py; tests/test_launch_signals.py).
 set -euo pipefail
 export SFT_ROOT="${SFT_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
 # shellcheck source=slurm/env.sh

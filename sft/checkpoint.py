@@ -20,7 +20,7 @@ import torch
 
 from sft import distributed as D
 from sft.errors import SFTError
-from sft.rundir import check_free_space, dir_bytes, free_bytes
+from sft.rundir import check_free_space, dir_bytes, fmt_bytes, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _fail_save(error: BaseException | None, root: Path, partial: Path, name: str
         raise SFTError(f"{root}: checkpoint {name} could not be written on another rank (see its log); "
                        "the last complete checkpoint, named by checkpoints/LATEST, is intact")
     if _disk_full(error, root, need):
-        raise SFTError(f"{root}: disk full while writing checkpoint {name} (needs about {need / 2**30:.2f} GB); "
+        raise SFTError(f"{root}: disk full while writing checkpoint {name} (needs about {fmt_bytes(need)}); "
                        "free some space and start the same command again: it resumes from checkpoints/LATEST") from None
     if isinstance(error, OSError) or "Permission denied" in str(error) or "Read-only file system" in str(error):
         raise SFTError(f"{root}: cannot write checkpoint {name} ({error}); "

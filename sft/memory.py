@@ -12,11 +12,11 @@ parameter-count formula, and following what each engine really allocates:
   (plus the next one, prefetched); the root (embeddings, final norm, output layer) stays gathered
   from the start of the forward to the end of the backward.
 - ZeRO-3 (DeepSpeed 0.19 stage 3, read from its source): every tensor is flattened and split into
-  ceil(numel / world) partitions; trained partitions live in one flat buffer, the fp32 master copy
-  is a separate flat buffer unless the partitions are fp32 already, gradients go to a flat
-  partition buffer in `grad_accum_dtype` plus the fp32 buffer the optimizer steps on (the size of
-  the largest sub-group), the reduce bucket holds `reduce_bucket_size` elements in
-  `communication_data_type`, and parameters are gathered per submodule call.
+  ceil(numel / world) partitions (bf16 in DeepSpeed's bf16 mode); trained partitions live in one flat
+  buffer, the fp32 master copy in another (a separate copy even when the partitions are fp32:
+  measured), gradients in a flat partition buffer in `grad_accum_dtype`, the reduce bucket holds
+  `reduce_bucket_size` elements in `communication_data_type`; the fp32 gradient the optimizer steps
+  on (the largest sub-group) exists only during the step; parameters are gathered per submodule call.
 - single / DDP: whole tensors; DDP's reducer keeps its gradient buckets as a second copy of the
   trained gradients; autocast keeps one compute-dtype copy of each trained weight during a forward.
 

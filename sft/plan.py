@@ -151,10 +151,9 @@ def host_and_disk(cfg, arch, world: int, mp: MemoryPlan) -> dict:
         ckpt = sum(p.numel for p in trained) * (12 + lp)
     else:
         ckpt = 3 * master_bytes  # DCP: trained weights + exp_avg + exp_avg_sq (frozen weights are not written)
-    # final/ holds the tensors as the engine keeps them (export.write_tensors does not cast): trained weights in
-    # the master dtype, frozen ones in model.dtype; a LoRA run exports its adapters only.
-    held = sum(p.numel * _bytes(p.dtype) for p in arch.params)
-    export = master_bytes if cfg.peft.method != "none" else held
+    # final/: a whole model in the dtype it was loaded in (sft.parallel.export_dtype); a LoRA run's adapters only,
+    # in their master dtype.
+    export = master_bytes if cfg.peft.method != "none" else model_bytes
     keep = max(1, cfg.checkpoint.keep) if cfg.checkpoint.keep else 1
     out = {"host_memory_gb": _gib(peak_host), "host_loading": how, "checkpoint_gb": _gib(ckpt),
            "checkpoints_kept_gb": _gib(ckpt * keep), "checkpoints_while_saving_gb": _gib(ckpt * (keep + 1)),

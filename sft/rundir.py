@@ -212,10 +212,10 @@ def check_free_space(path: Path, need: int, what: str) -> None:
     free = free_bytes(path)
     if free < need * 1.05:
         raise SFTError(f"{_existing_ancestor(path)}: not enough free disk space for {what} (needs about "
-                       f"{_fmt(need)}, {_fmt(free)} free); free some space or choose another run.output_dir")
+                       f"{fmt_bytes(need)}, {fmt_bytes(free)} free); free some space or choose another run.output_dir")
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 2**20:.1f} MB"
 
 

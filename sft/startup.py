@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from sft import config as C
@@ -64,6 +65,9 @@ def _check_start(cfg: C.SFTConfig, run_dir: Path, data_key: str) -> Resume:
     check_writable(run_dir)
     path = resolve_resume(str(run_dir), cfg.run.resume)
     if path is None:
+        need = estimated_checkpoint_bytes(cfg)
+        if need:
+            check_free_space(run_dir, need, "one checkpoint")
         return Resume()
     state = inspect_checkpoint(path)
     changes = trajectory_changes(cfg, path, state, data_key)
@@ -74,6 +78,21 @@ def _check_start(cfg: C.SFTConfig, run_dir: Path, data_key: str) -> Resume:
             "run.output_dir to start over")
     check_free_space(run_dir, dir_bytes(path), "the next checkpoint")
     return Resume(path, state, changes)
+
+
+def estimated_checkpoint_bytes(cfg: C.SFTConfig) -> int | None:
+    """One checkpoint of a new run, before any model exists: the trainable tensors of the meta-device
+    skeleton (no memory, no GPU; the one `sft.plan` sizes) in their dtype, plus two fp32 AdamW moments.
+    None if the skeleton cannot be built here: the model build then reports why, and begin_run checks
+    the space again from the real model."""
+    try:
+        from sft.memory import build_architecture
+
+        arch = build_architecture(cfg)
+        return sum(p.numel * (torch.empty((), dtype=p.dtype, device="meta").element_size() + 8)
+                   for p in arch.params if p.trainable)
+    except Exception:  # noqa: BLE001 - an estimate only; every failure here has a clearer report later
+        return None
 
 
 def trajectory_changes(cfg: C.SFTConfig, path: Path, state: dict, data_key: str) -> list[str]:
@@ -102,18 +121,18 @@ def trajectory_changes(cfg: C.SFTConfig, path: Path, state: dict, data_key: str)
     return changes
 
 
-def begin_run(cfg: C.SFTConfig, run_dir: Path, engine, resume: Resume, step: int) -> RunLock | None:
+def begin_run(cfg: C.SFTConfig, run_dir: Path, engine, resume: Resume, step: int) -> None:
     """The run starts: lock, run directory, config.yaml and its history, a record of forced changes.
-    Returns the lock (rank 0) to release when the run ends."""
-    return on_rank0(_begin_run, cfg, run_dir, engine if D.rank() == 0 else None, resume, step)
+    Rank 0 holds the lock until release_lock()."""
+    on_rank0(_begin_run, cfg, run_dir, engine if D.rank() == 0 else None, resume, step)
+    keep_created_dirs()  # the run directory is the run's now, on every rank
 
 
-def _begin_run(cfg: C.SFTConfig, run_dir: Path, engine, resume: Resume, step: int) -> RunLock:
+def _begin_run(cfg: C.SFTConfig, run_dir: Path, engine, resume: Resume, step: int) -> None:
     if resume.path is None:
         check_free_space(run_dir, checkpoint_bytes(engine), "one checkpoint")
     lock = RunLock(run_dir)
     lock.acquire()
-    keep_created_dirs()
     if lock.took_over:
         log.warning("took over the run lock of %s pid %s, which is no longer running", lock.took_over.get("host"),
                     lock.took_over.get("pid"))
@@ -124,7 +143,6 @@ def _begin_run(cfg: C.SFTConfig, run_dir: Path, engine, resume: Resume, step: in
             fh.write(json.dumps(event) + "\n")
         log.warning("run.resume=force: continuing %s with %s", resume.path, "; ".join(resume.forced))
     _HELD.append(lock)
-    return None  # the lock object stays on rank 0 (in _HELD); nothing to broadcast
 
 
 _HELD: list[RunLock] = []

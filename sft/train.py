@@ -63,6 +63,10 @@ def prepare(cfg: C.SFTConfig) -> Setup:
     rank, local_rank, world = D.init_distributed(cfg.run.dist_timeout_minutes, always=needs_process_group(cfg.parallelism))
     _setup_logging(None, rank)  # stderr only: the run directory gets its logs once the run really starts
     accumulation = C.validate(cfg, world)
+    if torch.cuda.is_available():  # refuse, before loading anything, a run the plan predicts will not fit these GPUs
+        from sft.plan import check_memory_fits
+
+        check_memory_fits(cfg, world, torch.cuda.get_device_properties(local_rank).total_memory)
     run_dir = Path(D.broadcast_object(cfg.run.output_dir))
     tokenizer = build_tokenizer(cfg.model)
     eot_id = resolve_eot_id(tokenizer, cfg.model.eot_token)

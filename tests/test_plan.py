@@ -38,6 +38,9 @@ CASES = {
     "fsdp-tiny": ["parallelism=fsdp", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
     "fsdp-tiny-lora": ["parallelism=fsdp", "peft=lora", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
     "zero3-tiny": ["parallelism=zero3", *TINY, "train.global_batch_size=8", "train.micro_batch_size=2"],
+    # the named unsharded-accumulation trade: every rank holds reduce-dtype gradients of ALL parameters
+    "fsdp-tiny-unsharded": ["parallelism=fsdp", "parallelism.accumulate_unsharded=true", *TINY,
+                            "train.global_batch_size=8", "train.micro_batch_size=2"],
     "fsdp-100M": ["parallelism=fsdp", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
     "zero3-100M": ["parallelism=zero3", *TINY, *M100, "train.global_batch_size=4", "train.micro_batch_size=1"],
 }
@@ -59,7 +62,11 @@ def test_state_bytes_equal_the_engines(tmp_path):
         for rank in (0, 1):
             measured = json.loads((tmp_path / f"bytes.{i}.rank{rank}.json").read_text())
             s = _predicted(case, 2, rank, accumulation)
-            predicted = {"params": s.params, "grads": s.grads, "optimizer": s.optimizer}
+            predicted = {"params": s.params, "grads": s.grads, "optimizer": s.optimizer, "buffers": s.buffers}
+            if cfg.parallelism.accumulate_unsharded:
+                # between micro-steps only the unsharded accumulators hold gradients (the sharded ones were
+                # cleared by the step; both exist briefly at the reduce-scatter, which the plan counts)
+                predicted = {"params": s.params, "grads": 0, "optimizer": s.optimizer, "buffers": s.buffers}
             if cfg.parallelism.strategy == "zero3":
                 predicted.update(master=s.master, buffers=s.buffers)
             assert {k: measured[k] for k in predicted} == predicted, (name, rank)

@@ -71,8 +71,9 @@ def _truncate(run: Path) -> None:
 
 def _other_data(run: Path) -> list[str]:
     data = run.parent / "other.jsonl"
-    rec = {"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]}
-    data.write_text("".join(json.dumps(rec) + "\n" for _ in range(40)))
+    recs = [{"messages": [{"role": "user", "content": f"ping {i}"}, {"role": "assistant", "content": f"pong {i}"}]}
+            for i in range(40)]
+    data.write_text("".join(json.dumps(rec) + "\n" for rec in recs))
     return ["data=jsonl", f"data.path={data}"]
 
 
@@ -228,6 +229,7 @@ def test_full_disk_is_refused_at_start_and_before_a_save(base_run, tmp_path):
     assert small.stdout.strip() == "rc=2", small.stdout + small.stderr[-3000:]
     assert_one_line_refusal(subprocess.CompletedProcess([], 2, "", small.stderr),
                             r"not enough free disk space for one checkpoint \(needs about [\d.]+ MB, [\d.]+ MB free\)")
+    assert "isolation probe" not in small.stderr  # refused from the meta-device estimate, before any model was built
     # Room for one checkpoint and a half: step 1 is saved, the save of step 2 is refused before it starts.
     args = [*BASE, "run.output_dir=" + str(mnt / "run"), "train.max_steps=3", "checkpoint.every=1"]
     full = _in_tmpfs(mnt, f"size={int(ckpt_bytes * 1.6) // 1024}k",

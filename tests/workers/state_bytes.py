@@ -47,8 +47,8 @@ def run_case(out: str, overrides: list[str]) -> None:
     engine.clip_and_step()
     # A non-final micro-step of the next optimizer step: the gradients held between micro-steps.
     micro = [collate(r, s.data.train, pad, False) for r in plan.micro_batches(1, s.rank, s.world)]
-    if len(micro) > 1:
-        accumulate_gradients(engine, micro[:1])
+    assert len(micro) > 1, "the case needs gradient accumulation"
+    engine.forward_backward(micro[0], 1e-3, last_micro=False)
     count = Storages()
     result = {}
     if cfg.parallelism.strategy == "fsdp":
@@ -56,6 +56,14 @@ def run_case(out: str, overrides: list[str]) -> None:
         result["params"] = count(params)
         result["grads"] = count(p.grad for p in params)
         result["optimizer"] = count(v for st in engine.optimizer.state.values() for v in st.values() if hasattr(v, "untyped_storage"))
+        # parallelism.accumulate_unsharded: FSDP2's unsharded gradients between micro-steps, in the reduce dtype
+        # (its accumulator when that differs from the compute dtype, else the unsharded parameter's .grad)
+        from torch.distributed.fsdp import FSDPModule
+
+        accumulators = [fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None else fp._unsharded_param.grad
+                        for m in engine.module.modules() if isinstance(m, FSDPModule)
+                        for group in m._get_fsdp_state()._fsdp_param_groups for fp in group.fsdp_params]
+        result["buffers"] = count(accumulators)
     else:  # DeepSpeed ZeRO-3: its partitions and flat buffers
         opt = engine.optimizer
         result["params"] = count(p.ds_tensor for p in engine.module.parameters())
