@@ -247,7 +247,7 @@ def vs_trl_worker(w: dict) -> None:
         texts = [tok.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in open(w["data"])]
 
         def job():
-            enc = tok(texts, add_special_tokens=False)["input_ids"]
+            enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)  # Rust encodings, no Python lists
             return {"examples": len(enc), "rows": 0, "tokens": sum(len(e) for e in enc)}
     else:
         os.environ["HF_DATASETS_CACHE"] = w["cache"]

@@ -325,9 +325,9 @@ def loss_worker(w: dict) -> None:
     n_targets = int((shifted != IGNORE).sum())
     if variant == "sft":
         sys.path.insert(0, str(REPO))
-        from sft.loss import ChunkedLossLM
+        from sft.loss import ChunkedLossLM, loss_chunk_tokens
 
-        module = ChunkedLossLM(model)  # the default train.loss_chunk_size (1024)
+        module = ChunkedLossLM(model, loss_chunk_tokens(vocab, 256.0))  # as training sizes it: train.loss_chunk_mb=256
         step = lambda: module(ids, pos, labels=shifted) / n_targets  # noqa: E731
     elif variant == "trl":
         from trl.trainer.utils import add_fused_lm_head

@@ -38,12 +38,20 @@ class BatchEncoder:
         self.generation = bool(self.template) and has_generation_markers(self.template)
         self.fast = getattr(tokenizer, "backend_tokenizer", None) is not None and bool(self.template)
         self.checked = False
+        self._compiled = None
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
 
             self._render_jinja = render_jinja_template
         except ImportError:  # a transformers without it: the reference path only
             self.fast = False
+        try:  # private in transformers; without it prefixes go through render_jinja_template too
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            if self.fast and not self.generation:
+                self._compiled = _compile_jinja_template(self.template)
+        except ImportError:
+            pass
 
     # ------------------------------------------------------------------ public
 
@@ -88,6 +96,13 @@ class BatchEncoder:
         # What apply_chat_template does before rendering: drop keys whose value is None, then the
         # tokenizer's special tokens as template variables.
         convs = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in convs]
+        if self._compiled is not None and not track:
+            # The prefixes of the spans path: the compiled template called as render_jinja_template calls it,
+            # without its per-conversation deep copy (our messages are plain str -> str dicts, and the sandbox
+            # is immutable); the first-record check against apply_chat_template covers this too.
+            specials = self.tokenizer.special_tokens_map
+            return [self._compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=generation_prompt,
+                                          **specials) for c in convs], []
         return self._render_jinja(conversations=convs, chat_template=self.template, return_assistant_tokens_mask=track,
                                   add_generation_prompt=generation_prompt, **self.tokenizer.special_tokens_map)
 

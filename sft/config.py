@@ -175,7 +175,10 @@ def redact(obj):
 # the run goes, and where the data cache lives. Everything else (optim, global batch, model, data,
 # packing, seed, max_length, peft) is the trajectory that a resume must not change silently.
 NOT_TRAJECTORY = (
-    "run", "checkpoint", "logging", "eval", "parallelism", "cluster", "plan",
+    "run", "checkpoint", "logging", "eval", "cluster", "plan",
+    # how the work is sharded; the precision keys (master/param/reduce dtype) do change the weights
+    "parallelism.strategy", "parallelism.cpu_offload", "parallelism.reshard_after_forward", "parallelism.zero3_bucket_size",
+    "parallelism.accumulate_unsharded",
     "train.max_steps", "train.epochs", "train.log_every", "train.micro_batch_size", "train.loss_chunk_mb",
     "train.check_isolation", "train.skip_memory_check", "train.peak_tflops", "data.name", "data.cache_dir", "data.prepared", "data.num_proc",
     "model.attn_implementation", "model.activation_checkpointing",

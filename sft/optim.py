@@ -21,6 +21,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 10
+    # Warmup as a share of the run's steps (used when larger than warmup_steps): a fixed count never reaches
+    # the peak learning rate on a small dataset, and is a rounding error on a large one.
+    warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
 
 
@@ -33,6 +36,8 @@ def validate_optim_config(cfg: OptimConfig) -> None:
         raise SFTError(f"optim.schedule={cfg.schedule!r}: expected cosine, linear or constant")
     if cfg.warmup_steps < 0 or cfg.grad_clip < 0:
         raise SFTError("optim.warmup_steps and optim.grad_clip must be >= 0")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise SFTError(f"optim.warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -53,14 +58,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
                              fused=True if on_cuda else None, foreach=False if not on_cuda else None)
 
 
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return max(cfg.warmup_steps, math.ceil(cfg.warmup_ratio * total_steps))
+
+
 def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """The factor on optim.lr for optimizer step `step` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":
         return 1.0
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     if cfg.schedule == "linear":
         decay = 1.0 - progress
     else:

@@ -290,7 +290,7 @@ class EngineSpec:
 def build_loss_module(spec: EngineSpec, tokenizer, device="cpu", master_cast: bool = True) -> nn.Module:
     """Model (from a checkpoint, from config, or on "meta") -> PEFT -> master dtype for what trains -> loss module."""
     from sft.loss import ChunkedLossLM, loss_chunk_tokens
-    from sft.model import apply_peft, build_model
+    from sft.model import apply_peft, build_model, causal_lm
 
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, tokenizer, device, quantize_4bit=spec.peft.method == "qlora")
@@ -300,7 +300,8 @@ def build_loss_module(spec: EngineSpec, tokenizer, device="cpu", master_cast: bo
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point() and p.dtype != master:
                 p.data = p.data.to(master)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    # From the config: under zero.Init the output weight is an empty partitioned placeholder.
+    vocab = causal_lm(model).config.vocab_size
     return ChunkedLossLM(model, loss_chunk_tokens(vocab, spec.loss_chunk_mb))
 
 

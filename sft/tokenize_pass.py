@@ -174,6 +174,10 @@ def encode_rows(batch: dict, first_record: int, job: _Job) -> dict:
             continue
         pieces = split_conversation(list(rec.messages), ids, target, functools.partial(_encode_one, job, rec.where),
                                     max_length)
+        if not pieces:  # no assistant turn to cut at (validation should have refused it): dropped whole, counted
+            feats = curation.example_features(rec.messages, None, filters, refusal_re)
+            add(src, row, ids[:0], target[:0], length=n, dropped=True, first=True, input_target=input_target, features=feats)
+            continue
         for i, p in enumerate(pieces):
             feats = curation.example_features(tuple(p.own), None, filters, refusal_re)
             add(src, row, p.ids, p.target, length=p.length if p.dropped else None, dropped=p.dropped, first=i == 0,
