@@ -149,6 +149,8 @@ def _demo_score(engine, s: Setup, when: str, logger) -> float | None:
 
 def _evaluate(engine, s: Setup, step: int, tokens: int, logger) -> float:
     cfg = s.cfg
+    if len(s.data.eval) == 0:  # said once at start-up; no event, no NaN in metrics.jsonl or summary.json
+        return float("nan")
     varlen = cfg.model.attn_implementation in VARLEN_BACKENDS
     loss = eval_loss(engine, s.data.eval, cfg.eval, cfg.data.max_length, cfg.packing.strategy, s.tokenizer.pad_token_id, varlen)
     event = {"step": step, "tokens": tokens, "eval_loss": loss}
