@@ -99,19 +99,14 @@ def build(ctx: Context, sp):
 
 
 def train_step(engine, micro: list) -> tuple[torch.Tensor, int, int, int]:
-    """One optimizer step as sft.train.accumulate_gradients takes it (that module needs Hydra, so it is
-    mirrored here): the loss normalised by the step's target tokens counted before any backward, the
-    rank-agreed number of output-layer chunks, no host synchronisation until the caller reads the loss."""
-    from sft import distributed as D
-    from sft.loss import agreed_chunk_counts, chunks_needed
+    """One optimizer step exactly as sft.train takes it (sft.step), then the update; the loss stays on the
+    device until the caller reads it. One process here, so this rank's loss sum is the step's."""
+    from sft.step import accumulate_gradients
 
-    targets, tokens, pairs = D.all_reduce_sum([sum(m.num_target for m in micro), sum(m.num_tokens for m in micro),
-                                               sum(m.attention_pairs for m in micro)])
-    chunks = agreed_chunk_counts([chunks_needed(m.num_target, engine.module.chunk_size) for m in micro])
-    scale = 1.0 / max(targets, 1.0)
-    loss = sum(engine.forward_backward(m, scale, i == len(micro) - 1, chunks[i]).double() for i, m in enumerate(micro)) * scale
+    totals = accumulate_gradients(engine, micro)
     engine.clip_and_step()
-    return loss, int(tokens), int(targets), int(pairs)
+    loss = totals.local_loss_sum / max(totals.targets, 1.0)
+    return loss, int(totals.tokens), int(totals.targets), int(totals.attention_pairs)
 
 
 def _peak_bytes(ctx: Context) -> int:

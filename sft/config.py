@@ -20,7 +20,7 @@ from sft.checkpoint import CheckpointConfig
 from sft.data import DataConfig, validate_data_config
 from sft.errors import SFTError
 from sft.evaluate import EvalConfig
-from sft.memory import ClusterConfig, PlanConfig
+from sft.cluster import ClusterConfig, PlanConfig
 from sft.metrics import SECRET_ENV, LoggingConfig
 from sft.model import ModelConfig, PeftConfig, asset_path, validate_model_config
 from sft.optim import OptimConfig, validate_optim_config

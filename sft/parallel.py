@@ -170,6 +170,11 @@ class TrainEngine(abc.ABC):
         """The LM (or its PEFT wrapper) whose keys iter_full_tensors() uses."""
         return self.module.model
 
+    def release_optimizer(self) -> None:
+        """Free gradients and optimizer state once training is over (before the export gathers tensors)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
     def compute_context(self):
         """Wraps every forward (training, eval, probe): autocast where the engine does not cast by itself."""
         return contextlib.nullcontext()

@@ -27,13 +27,14 @@ from sft.evaluate import eval_loss, exact_match, generate_answers, load_prompts,
 from sft.export import export_final
 from sft.loader import collate
 from sft.flops import model_flops
-from sft.loss import agreed_chunk_counts, check_document_isolation, chunks_needed
+from sft.loss import check_document_isolation
 from sft.metrics import MetricsLogger, Throughput, format_summary, write_report
 from sft.model import VARLEN_BACKENDS, build_tokenizer
 from sft.packing import build_rows, packing_efficiency, plan_epoch
 from sft.parallel import EngineSpec, build_engine, needs_process_group
 from sft.preemption import StopFlag, requeue
 from sft.rundir import remove_created_dirs
+from sft.step import accumulate_gradients
 from sft.startup import begin_run, check_start, describe_splits, release_lock
 from sft.templating import resolve_eot_id
 
@@ -164,39 +165,6 @@ def _evaluate(engine, s: Setup, step: int, tokens: int, logger) -> float:
     return loss
 
 
-@dataclass
-class StepTotals:
-    """One optimizer step's counts, global over ranks, and this rank's loss still on the device."""
-
-    local_loss_sum: torch.Tensor
-    targets: float
-    tokens: float
-    attention_pairs: float
-
-    def global_loss(self) -> float:
-        """Mean loss per target token of the whole step: a collective (every rank calls it, at log steps only)."""
-        return D.all_reduce_sum([float(self.local_loss_sum)])[0] / max(self.targets, 1.0)
-
-
-def accumulate_gradients(engine, micro: list) -> StepTotals:
-    """Backward over this rank's micro-batches of one optimizer step.
-
-    The denominator is the global target-token count, summed before any backward pass, so every
-    target token of the step weighs the same however the step is split over micro-batches and ranks.
-    The same collective agrees on how many output-layer chunks each micro-step makes: sharded
-    engines gather weights per module call, so every rank must make the same calls. Nothing here
-    waits for the device: the loss is summed on it and read only when logged.
-    """
-    chunk = engine.module.chunk_size
-    counts = D.all_reduce_sum([sum(m.num_target for m in micro), sum(m.num_tokens for m in micro),
-                               sum(m.attention_pairs for m in micro)])
-    chunks = agreed_chunk_counts([chunks_needed(m.num_target, chunk) for m in micro])
-    scale = 1.0 / max(counts[0], 1.0)
-    # float64 sum of the micro-steps (scalars, on the device) so the logged loss does not depend on the split
-    loss_sum = sum(engine.forward_backward(m, scale, i == len(micro) - 1, chunks[i]).double() for i, m in enumerate(micro))
-    return StepTotals(loss_sum, *counts)
-
-
 def train(s: Setup) -> dict:
     cfg = s.cfg
     # Nothing is written into the run directory until every check has passed and the model is loaded.
@@ -274,6 +242,7 @@ def train(s: Setup) -> dict:
         requeue()
         return {"preempted": True, "step": state["step"]}
     final_step = _restore_best(engine, s, state, logger)
+    engine.release_optimizer()  # training is over: the export's tensors must not sit beside AdamW's state
     export_final(engine, s.tokenizer, s.run_dir, s.eot_id, int(cfg.checkpoint.export_shard_gb * 2**30))
     score_after = _demo_score(engine, s, "after", logger)
     summary = {

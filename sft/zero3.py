@@ -118,6 +118,9 @@ class ZeroEngine(TrainEngine):
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
+    def release_optimizer(self) -> None:
+        """DeepSpeed owns its flat buffers (and they are partitioned: 1/world of the state per rank)."""
+
     def iter_full_tensors(self, trainable_only: bool = False):
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 

@@ -15,7 +15,7 @@ from sft.optim import OptimConfig
 from sft.packing import best_fit_decreasing, plan_epoch
 from sft.parallel import Engine, ParallelConfig, precision_of
 from sft.templating import IGNORE_INDEX
-from sft.train import accumulate_gradients
+from sft.step import accumulate_gradients
 
 
 def make_split(lengths, vocab=260, seed=0) -> Split:

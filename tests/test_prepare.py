@@ -173,7 +173,7 @@ BAD_INPUTS = {
     "missing_assistant": ([{"messages": [{"role": "user", "content": "hi"}]}], r"d\.jsonl:2: conversation has no assistant turn"),
     "wrong_fields": ([{"question": "hi", "answer": "x"}], r"d\.jsonl:2: cannot tell the format from fields \['answer', 'question'\]"),
     "wrong_message_fields": ([{"messages": [{"speaker": "user", "text": "hi"}]}],
-                             r"d\.jsonl:2: messages\[0\] must be an object with 'role' and 'content'"),
+                             r"d\.jsonl:2: messages\[0\] has unknown field\(s\) \['speaker', 'text'\]"),
 }
 
 

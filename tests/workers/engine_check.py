@@ -27,7 +27,7 @@ from sft.model import ModelConfig, PeftConfig  # noqa: E402
 from sft.optim import OptimConfig  # noqa: E402
 from sft.parallel import EngineSpec, ParallelConfig, build_engine  # noqa: E402
 from sft.templating import IGNORE_INDEX  # noqa: E402
-from sft.train import accumulate_gradients  # noqa: E402
+from sft.step import accumulate_gradients  # noqa: E402
 
 TINY_ARCH = dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,

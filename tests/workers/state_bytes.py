@@ -10,7 +10,8 @@ from conftest import compose  # noqa: E402
 from sft import distributed as D  # noqa: E402
 from sft.loader import collate  # noqa: E402
 from sft.packing import plan_epoch  # noqa: E402
-from sft.train import accumulate_gradients, build_training, prepare  # noqa: E402
+from sft.step import accumulate_gradients  # noqa: E402
+from sft.train import build_training, prepare  # noqa: E402
 
 
 def local(t):
