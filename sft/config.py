@@ -148,6 +148,10 @@ def validate(cfg: SFTConfig, world: int) -> int:
         raise SFTError("train.micro_batch_size and train.global_batch_size must be >= 1")
     if cfg.run.resume not in ("auto", "never", "force") and not Path(cfg.run.resume).exists():
         raise SFTError(f"run.resume={cfg.run.resume}: no such checkpoint or run directory")
+    if cfg.run.demo and cfg.data.name == "demo" and cfg.data.path and Path(cfg.data.path) != Path(asset_path("demo/conversations.jsonl")):
+        # data.path alone keeps the demo group: its 150 steps, lr 3e-3 and scoring would silently apply to the user's file.
+        raise SFTError(f"data.path={cfg.data.path} was given with the demo's data group: add data=jsonl (or data=hub) "
+                       "so the run gets production settings instead of the demo's")
     if cfg.peft.method == "qlora" and cfg.parallelism.strategy == "zero3":
         raise SFTError("peft=qlora with parallelism=zero3 is not supported; use fsdp or lora")
     return derive_accumulation(cfg.train, world)

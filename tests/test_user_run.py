@@ -84,6 +84,15 @@ def test_no_demo_setting_leaks_into_a_run_on_own_data():
     assert leaked == [], leaked
 
 
+def test_data_path_without_a_data_group_is_refused_not_trained_as_the_demo():
+    from sft.config import validate
+
+    cfg = compose(["data.path=/data/chats.jsonl"])
+    with pytest.raises(SFTError, match="add data=jsonl"):
+        validate(cfg, 1)
+    validate(compose([]), 1)  # the demo itself passes
+
+
 @pytest.mark.parametrize("world", [1, 2, 4, 8, 16, 32])
 def test_production_batch_works_on_common_process_counts(world):
     train = compose(["data=jsonl", "data.path=/data/chats.jsonl"]).train
