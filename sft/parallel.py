@@ -237,6 +237,10 @@ class Engine(DCPStateMixin, TrainEngine):
 
     def __init__(self, module: nn.Module, precision: Precision, optim_cfg: OptimConfig, total_steps: int, device,
                  world: int, ddp: bool):
+        if precision.compute == torch.float32:  # fp32 compute asked for: a bf16-loaded frozen base computes in fp32 too
+            for p in module.parameters():
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
         self.module = module.to(device)
         self.device = device
         self.world = world
@@ -251,7 +255,7 @@ class Engine(DCPStateMixin, TrainEngine):
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
 
     def compute_context(self):
-        if self.precision.compute == self.precision.master == self.precision.frozen:
+        if self.precision.compute == torch.float32 or self.precision.compute == self.precision.master == self.precision.frozen:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision.compute)
 
