@@ -16,12 +16,12 @@ from torch import nn
 from sft.errors import SFTError
 from sft.loader import MicroBatch
 from sft.optim import OptimConfig, build_optimizer, build_scheduler
-from sft.parallel import DCPStateMixin, ParallelConfig, Precision, TrainEngine, export_dtype, to_device
+from sft.parallel import ParallelConfig, Precision, TorchEngineMixin, TrainEngine, to_device
 
 log = logging.getLogger(__name__)
 
 
-class FSDPEngine(DCPStateMixin, TrainEngine):
+class FSDPEngine(TorchEngineMixin, TrainEngine):
     def __init__(self, module: nn.Module, cfg: ParallelConfig, precision: Precision, optim_cfg: OptimConfig, total_steps: int,
                  device, world: int, full_state: dict | None = None):
         """`module` may be a meta-device skeleton: it is sharded first, then materialised and filled from
@@ -52,20 +52,6 @@ class FSDPEngine(DCPStateMixin, TrainEngine):
         loss_sum = self.module(**to_device(mb, self.device), num_chunks=num_chunks)
         (loss_sum * (scale * self.world)).backward()
         return loss_sum.detach()
-
-    def clip_and_step(self) -> torch.Tensor:
-        return self._step_optimizer([p for p in self.module.parameters() if p.requires_grad])
-
-    def iter_full_tensors(self, trainable_only: bool = False):
-        from sft import distributed as D
-
-        trainable = {n for n, p in self.module.model.named_parameters() if p.requires_grad}
-        for name, value in self.module.model.state_dict().items():
-            if trainable_only and name not in trainable:
-                continue
-            if hasattr(value, "full_tensor"):  # a shard: all-gather this one tensor only
-                value = value.full_tensor()
-            yield name, (export_dtype(value.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
 
 
 def _fill_from_rank0(module: nn.Module, full_state: dict, device, offloaded: bool) -> None:

@@ -191,8 +191,10 @@ def _dcp_options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-class DCPStateMixin:
-    """Model and optimizer through torch.distributed.checkpoint: sharded, and reshardable on load."""
+class TorchEngineMixin:
+    """What single, DDP and FSDP2 share: a torch optimizer, state through torch.distributed.checkpoint
+    (sharded, and reshardable on load), clipping, and export tensor by tensor (a DTensor shard is
+    all-gathered one tensor at a time)."""
 
     def save_state(self, directory) -> None:
         import torch.distributed.checkpoint as dcp
@@ -214,6 +216,20 @@ class DCPStateMixin:
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_dcp_options(strict=False))
 
+    def clip_and_step(self) -> torch.Tensor:
+        return self._step_optimizer([p for p in self.module.parameters() if p.requires_grad])
+
+    def iter_full_tensors(self, trainable_only: bool = False):
+        from sft import distributed as D
+
+        trainable = {n for n, p in self.module.model.named_parameters() if p.requires_grad}
+        for name, value in self.module.model.state_dict().items():
+            if trainable_only and name not in trainable:
+                continue
+            if hasattr(value, "full_tensor"):
+                value = value.full_tensor()
+            yield name, (export_dtype(value.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
+
     def _step_optimizer(self, params) -> torch.Tensor:
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         # foreach kernels are fast on CUDA; on CPU/gloo they reject DTensors of mixed placements.
@@ -230,7 +246,7 @@ class DCPStateMixin:
         return self.optimizer.param_groups[0]["lr"]
 
 
-class Engine(DCPStateMixin, TrainEngine):
+class Engine(TorchEngineMixin, TrainEngine):
     """Single process and DDP. A compute dtype below the master dtype runs under autocast."""
 
     can_generate = True
@@ -267,17 +283,6 @@ class Engine(DCPStateMixin, TrainEngine):
             (loss_sum * (scale * self.world)).backward()
         return loss_sum.detach()
 
-    def clip_and_step(self) -> torch.Tensor:
-        return self._step_optimizer([p for p in self.module.parameters() if p.requires_grad])
-
-    def iter_full_tensors(self, trainable_only: bool = False):
-        from sft import distributed as D
-
-        trainable = {n for n, p in self.module.model.named_parameters() if p.requires_grad}
-        for name, value in self.module.model.state_dict().items():
-            if trainable_only and name not in trainable:
-                continue
-            yield name, (export_dtype(value.detach().cpu(), self.precision, trainable_only).clone() if D.rank() == 0 else None)
 
 
 @dataclass

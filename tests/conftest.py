@@ -34,6 +34,17 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
+def snapshot(root):
+    """Every entry under `root` (directories too: a created empty directory is a change) and every file's hash:
+    what a failed start must leave exactly as it was."""
+    import hashlib
+
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
 def compose(overrides: list[str]):
     """The run config exactly as `python -m sft.train OVERRIDES` would see it."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -46,7 +57,7 @@ def compose(overrides: list[str]):
 
 
 def tiny_model(tokenizer, seed: int = 0, **arch):
-    from sft.model import ModelConfig, build_model
+    from sft.model import build_model
 
     cfg = compose(["model=tiny"]).model
     cfg.arch.update(arch)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 
-from conftest import FAST_RUN, run_cli
+from conftest import FAST_RUN, run_cli, snapshot
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -15,12 +14,6 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def _jsonl(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def _snapshot(root):
-    """Every entry (directories too: a created empty directory is a change) and every file's hash."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
 
 
 def _bad_model(d):
@@ -85,7 +78,7 @@ def existing_run(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gives_one_clear_message(case, tmp_path, existing_run):
     make_args, pattern = CASES[case]
-    before = _snapshot(existing_run)
+    before = snapshot(existing_run)
     # data=jsonl: a user's own file, format detected.
     res = run_cli([*FAST_RUN, "data=jsonl", "data.max_length=256", *make_args(tmp_path), f"run.output_dir={existing_run}"], timeout=300)
     # Hydra rejects unknown keys and group choices itself (its one-line message, exit 1); everything else is ours: exit 2.
@@ -94,4 +87,4 @@ def test_bad_input_gives_one_clear_message(case, tmp_path, existing_run):
     import re
 
     assert re.search(pattern, res.stderr), res.stderr[-2000:]
-    assert _snapshot(existing_run) == before
+    assert snapshot(existing_run) == before

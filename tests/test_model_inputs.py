@@ -8,14 +8,13 @@ through the CLI with exit code 2, one line naming the key or file, and an existi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
 import pytest
 import torch
 
-from conftest import FAST_RUN, TOKENIZER_DIR, compose, run_cli
+from conftest import FAST_RUN, TOKENIZER_DIR, compose, run_cli, snapshot
 from sft.errors import SFTError
 from sft.model import build_hf_config, build_model, build_skeleton, reinit_nonpersistent_buffers, validate_model_config
 
@@ -125,12 +124,6 @@ CASES = {
 }
 
 
-def _snapshot(root):
-    """Every file's hash and every directory (a failed start must not even create an empty one)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
-
-
 @pytest.fixture(scope="module")
 def existing_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("existing")
@@ -146,11 +139,11 @@ def test_bad_model_input_is_one_line_and_touches_nothing(case, tmp_path, existin
     make_args, pattern = CASES[case]
     data = tmp_path / "chats.jsonl"
     data.write_text(json.dumps(GOOD) + "\n")
-    before = _snapshot(existing_run)
+    before = snapshot(existing_run)
     args = make_args(tmp_path)
     length = [] if any(a.startswith("data.max_length=") for a in args) else ["data.max_length=256"]
     res = run_cli([*FAST_RUN, "data=jsonl", f"data.path={data}", *length, *args, f"run.output_dir={existing_run}"], timeout=300)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert re.search(pattern, res.stderr), res.stderr[-2000:]
-    assert _snapshot(existing_run) == before
+    assert snapshot(existing_run) == before

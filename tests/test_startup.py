@@ -8,7 +8,6 @@ namespace (`unshare`), not simulated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,17 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_RUN, REPO, run_cli
+from conftest import FAST_RUN, REPO, run_cli, snapshot
 
 BASE = [*FAST_RUN, "optim.lr=0.003", "logging.progress_bar=false"]
-
-
-def snapshot(root: Path) -> dict:
-    """Every entry under root (directories too, so a created empty directory counts) and every file's hash."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
 
 
 def assert_one_line_refusal(res, pattern: str) -> None:
