@@ -64,6 +64,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group together at the end of a run: a rank that exits while a peer's transport still
+    talks to it can make that peer abort (gloo: SIGABRT on a reset connection)."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum small scalars over ranks (in float64, so token counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64)

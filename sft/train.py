@@ -320,6 +320,7 @@ def main(dcfg: DictConfig):
         sys.exit(130)
     finally:
         release_lock()
+    D.shutdown()
     code = preemption.exit_code()
     if code:
         sys.exit(code)

@@ -137,7 +137,7 @@ def main():
         out.update(measure_dtypes(engine, rank, per_rank))
     out["world"] = world
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(out))
-    D.barrier()
+    D.shutdown()
 
 
 def measure_dtypes(engine, rank, per_rank) -> dict:

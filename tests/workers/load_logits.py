@@ -18,3 +18,4 @@ with torch.no_grad():
     logits = engine.module(ids, pos)
 if D.rank() == 0:
     torch.save(logits, out)
+D.shutdown()

@@ -88,3 +88,4 @@ for arg in sys.argv[3:]:
 cases.append(current)
 for i, overrides in enumerate(cases):
     run_case(f"{sys.argv[2]}.{i}", overrides)
+D.shutdown()
