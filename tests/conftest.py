@@ -45,6 +45,18 @@ def snapshot(root):
             for p in sorted(root.rglob("*"))}
 
 
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    """A run directory with a checkpoint, metrics and a config in it, which no failing command may touch."""
+    run = tmp_path_factory.mktemp("existing")
+    (run / "checkpoints" / "step-000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-000010" / "train_state.json").write_text('{"step": 10}')
+    (run / "checkpoints" / "LATEST").write_text("step-000010\n")
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    (run / "config.yaml").write_text("run:\n  name: earlier\n")
+    return run
+
+
 def compose(overrides: list[str]):
     """The run config exactly as `python -m sft.train OVERRIDES` would see it."""
     from hydra import compose as hydra_compose, initialize_config_dir

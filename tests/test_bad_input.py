@@ -64,17 +64,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def existing_run(tmp_path_factory):
-    """A run directory with a checkpoint in it, which no failing command may touch."""
-    run = tmp_path_factory.mktemp("existing")
-    (run / "checkpoints" / "step-000010").mkdir(parents=True)
-    (run / "checkpoints" / "step-000010" / "train_state.json").write_text('{"step": 10}')
-    (run / "checkpoints" / "LATEST").write_text("step-000010\n")
-    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
-    return run
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gives_one_clear_message(case, tmp_path, existing_run):
     make_args, pattern = CASES[case]

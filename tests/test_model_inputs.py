@@ -124,16 +124,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def existing_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("existing")
-    (run / "checkpoints" / "step-000010").mkdir(parents=True)
-    (run / "checkpoints" / "step-000010" / "train_state.json").write_text('{"step": 10}')
-    (run / "checkpoints" / "LATEST").write_text("step-000010\n")
-    (run / "config.yaml").write_text("run:\n  name: earlier\n")
-    return run
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_model_input_is_one_line_and_touches_nothing(case, tmp_path, existing_run):
     make_args, pattern = CASES[case]
