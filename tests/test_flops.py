@@ -68,3 +68,35 @@ def test_probe_in_bf16_uses_the_bitwise_criterion(tokenizer):
 
     module = ChunkedLossLM(tiny_model(tokenizer).to(torch.bfloat16))
     assert check_document_isolation(module, len(tokenizer), "cpu", numeric=False) == 0.0
+
+
+def test_chunked_loss_at_a_real_151k_vocabulary_equals_full_cross_entropy(tmp_path):
+    """The loss chunk is sized in bytes for the vocabulary: at Qwen2's 151k tokens a small budget means many
+    chunks; their sum must equal one full cross-entropy over real token ids (real tokenizer, ragged chunks)."""
+    from transformers import AutoTokenizer
+
+    from real_tokenizers import qwen2_tokenizer
+    from sft.loss import ChunkedLossLM, chunks_needed, loss_chunk_tokens
+    from sft.model import ModelConfig, build_model
+
+    tok = AutoTokenizer.from_pretrained(str(qwen2_tokenizer(tmp_path)))
+    vocab = len(tok)
+    cfg = ModelConfig(name="t", arch=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    model = build_model(cfg, tok)
+    chunk = loss_chunk_tokens(vocab, 1.0)  # 1 MB of logits: the 16-token floor at this vocabulary
+    assert chunk == 16
+    ids = torch.tensor([tok("Packed rows of real text, tokenised by a real byte-level BPE with 151k entries. " * 3)["input_ids"]])
+    labels = ids.clone()
+    labels[0, :5] = -100
+    n = int((labels != -100).sum())
+    assert chunks_needed(n, chunk) >= 3
+    module = ChunkedLossLM(model, chunk)
+    pos = torch.arange(ids.shape[1])[None]
+    got = module(ids, pos, labels=labels)
+    logits = module.logits(ids, pos)[0]
+    mask = labels[0] != -100
+    want = torch.nn.functional.cross_entropy(logits[mask], labels[0][mask], reduction="sum")
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-4)
+    # More chunks than needed (what a rank with fewer targets runs to match its peers): same sum.
+    assert torch.allclose(module(ids, pos, labels=labels, num_chunks=chunks_needed(n, chunk) + 2), want, rtol=1e-6, atol=1e-4)
