@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"gpu_check: {report.doc['device'].get('name')} ({dev}), mode {report.doc['mode']}, out {args.out}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-", dir=args.work) as work:
-        ctx = K.Context(scale=scale, device=dev, work=Path(work))
+        ctx = K.Context(scale=scale, device=dev, work=Path(work), out=args.out)
         only = {g for g in args.only.split(",") if g}
         known = [name for name, _, _ in K.plan_of_checks(ctx)]
         if only - set(known):

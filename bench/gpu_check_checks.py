@@ -27,6 +27,7 @@ class Context:
     scale: S.Scale
     device: torch.device
     work: Path
+    out: Path | None = None  # where a profile of a training step goes, beside the report
     peaks: dict = field(default_factory=dict)  # setting -> (EngineSpec, measured peak bytes), for the plan check
     _tok: object = None
     _peak_flops: tuple | None = None
@@ -342,6 +343,8 @@ def train_throughput(ctx: Context, strategy: str, method: str) -> list[dict]:
     ctx.sync()
     seconds = time.perf_counter() - t
     peak = _peak_bytes(ctx)
+    if method == "full" and ctx.out is not None:
+        _profile_step(ctx, engine, batches[-1], name)
     losses = [float(x) for x in losses]
     finite = all(math.isfinite(x) for x in losses)
     tps = tokens / seconds
@@ -363,6 +366,27 @@ def train_throughput(ctx: Context, strategy: str, method: str) -> list[dict]:
             "torch.cuda.max_memory_allocated from before the model was built" if dev.type == "cuda"
             else "CPU: anonymous resident memory of the whole process at the end (not a peak; no CUDA counter here)"),
     ]
+
+
+def _profile_step(ctx: Context, engine, micro: list, name: str) -> None:
+    """One more step under torch.profiler: where a step's device time goes (matmuls, attention, loss, optimizer)
+    and how much of the wall time the device was busy, written to profile_<name>.txt for reading, not judged."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = ctx.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    ctx.sync()
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        train_step(engine, micro)
+        ctx.sync()
+    wall = time.perf_counter() - t
+    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6 if on_gpu else 0.0
+    table = events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+    (ctx.out / f"profile_{name}.txt").write_text(
+        f"{name}: one step of {len(micro)} micro-batches, wall {wall:.3f} s (profiler on), device busy {busy:.3f} s\n\n{table}\n")
 
 
 # ---------------------------------------------------------------- 4. peak memory against sft-plan

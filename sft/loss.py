@@ -112,6 +112,17 @@ def agreed_chunk_counts(local: list[int]) -> list[int]:
     return [int(v) for v in t.cpu().tolist()]
 
 
+def _known_leak_hint(backend: str, device) -> str:
+    """The one leak measured on a GPU so far (bench/gpu_flex_diag.py, H100, torch 2.11, transformers 5.17):
+    flex_attention isolates documents with bf16 weights but not under torch.autocast over fp32 weights, which
+    is how single-GPU and DDP runs compute in bf16; FSDP2 computes in bf16 without autocast."""
+    dev_type = torch.device(device).type
+    if backend == "flex_attention" and dev_type == "cuda" and torch.is_autocast_enabled(dev_type):
+        return (" (flex_attention under torch.autocast leaks on CUDA; parallelism=fsdp computes in bf16 without "
+                "autocast, or use model.attn_implementation=sdpa)")
+    return ""
+
+
 class _ProbeDocs:
     """Four documents shaped like a data split, so the probe goes through the loader's collate."""
 
@@ -159,7 +170,7 @@ def check_document_isolation(module: ChunkedLossLM, vocab_size: int, device, var
         raise SFTError(
             f"packed documents attend to each other (changing one document changed the next one's logits by "
             f"{(ab[9:] - a2b[9:]).abs().max().item():.3g}) with attn_implementation={backend!r}; refusing to train packed. "
-            "Use packing=off or a backend that isolates documents.")
+            "Use packing=off or a backend that isolates documents" + _known_leak_hint(backend, device) + ".")
     if not torch.equal(ab[:9], ab2[:9]):
         raise SFTError(f"attention is not causal with attn_implementation={backend!r}: a later document changed an earlier one's logits")
     if not numeric:

@@ -287,6 +287,8 @@ def build_model(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu",
             cfg.path, config=build_hf_config(cfg), dtype=dtype, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, **_quantization(quantize_4bit, dtype),
         )
+        if not quantize_4bit and str(device) != "cpu":  # 4-bit weights are placed by their device_map
+            model.to(device)
     else:
         # On "meta" this is the skeleton that a sharded engine fills from rank 0's copy.
         hf_config = build_hf_config(cfg, tokenizer if cfg.path is None else None)

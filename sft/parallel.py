@@ -316,7 +316,12 @@ def build_loss_module(spec: EngineSpec, tokenizer, device="cpu", master_cast: bo
                 p.data = p.data.to(master)
     # From the config: under zero.Init the output weight is an empty partitioned placeholder.
     vocab = causal_lm(model).config.vocab_size
-    return ChunkedLossLM(model, loss_chunk_tokens(vocab, spec.loss_chunk_mb))
+    module = ChunkedLossLM(model, loss_chunk_tokens(vocab, spec.loss_chunk_mb))
+    # from_pretrained returns the model in eval mode, where Hugging Face decoder layers skip activation
+    # checkpointing (and dropout): a run loaded from model.path would keep every layer's activations until
+    # its first evaluation (the GPU check measured 31 GiB instead of 22 for a 1.2B model on one GPU).
+    module.train()
+    return module
 
 
 def build_engine(spec: EngineSpec, tokenizer, device) -> TrainEngine:

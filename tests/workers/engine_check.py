@@ -7,6 +7,8 @@ Modes:
   grad_bytes  bytes of gradient storage each rank holds after a non-final micro-step (FSDP2).
   dtypes      dtypes of trained parameters, gradients, optimizer state and the compute, after one
               step, and the fraction of a weight matrix's entries that one small-lr step changed.
+  recompute   how many times each decoder layer runs in one micro-step (2 = forward + the
+              activation-checkpointing recompute), for a model loaded from --model-path.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ STEPS = [[[[0]], [[1]], [[2]], [[3]]], [[[4]], [[5]], [[6, 7]], [[3]]]]
 
 def spec_for(args, world: int, accumulation: int) -> EngineSpec:
     model = ModelConfig(name="tiny", tokenizer=str(REPO / "sft/assets/tiny_tokenizer"), arch=dict(TINY_ARCH),
-                        dtype=args.model_dtype, attn_implementation="sdpa", init_seed=0)
+                        dtype=args.model_dtype, attn_implementation="sdpa", init_seed=0, path=args.model_path,
+                        activation_checkpointing=args.checkpointing)
     par = ParallelConfig(strategy=args.strategy, param_dtype=args.param_dtype, master_dtype=args.master_dtype,
                          accumulate_unsharded=args.accumulate_unsharded)
     optim = OptimConfig(lr=args.lr, warmup_steps=0, schedule="constant", grad_clip=args.grad_clip, weight_decay=0.0)
@@ -105,6 +108,8 @@ def main():
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -135,9 +140,29 @@ def main():
                                        for p in engine.module.parameters())
     elif args.mode == "dtypes":
         out.update(measure_dtypes(engine, rank, per_rank))
+    elif args.mode == "recompute":
+        out["layer_calls"] = count_layer_calls(engine, collate(STEPS[0][0], DOCS, pad_id=0))
     out["world"] = world
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(out))
     D.shutdown()
+
+
+def count_layer_calls(engine, mb) -> list[int]:
+    """Calls of each decoder layer's MLP during one forward_backward: 1 without checkpointing, 2 with it.
+    (The MLP, not the layer: transformers checkpoints the layer's forward, so the layer's own hooks run once.)"""
+    layers = [m.mlp for m in engine.module.modules() if type(m).__name__.endswith("DecoderLayer")]
+    calls = [0] * len(layers)
+
+    def counter(i):
+        def hook(module, args, kwargs=None):
+            calls[i] += 1
+        return hook
+
+    handles = [layer.register_forward_pre_hook(counter(i)) for i, layer in enumerate(layers)]
+    engine.forward_backward(mb, 1e-3, last_micro=True)
+    for h in handles:
+        h.remove()
+    return calls
 
 
 def measure_dtypes(engine, rank, per_rank) -> dict:
