@@ -5,7 +5,8 @@ about 80% of the reference path is tokenisation and most of the rest is per-call
 `apply_chat_template` (copying and checking inputs, a tokenizer call per conversation, one Python
 token loop per assistant mask). Here a batch of conversations is rendered with the same renderer
 `apply_chat_template` uses (`render_jinja_template`, with its `{% generation %}` tracker), then
-tokenised by ONE batched tokenizer call, and the masks come from the same character-to-token
+tokenised in one batch (tiktoken where it reproduces the tokenizer exactly, sft/fast_bpe.py; else ONE
+batched tokenizer call), and the masks come from the same character-to-token
 rules the reference path applies. Nothing is approximated, so equality holds by construction;
 it is also checked, not assumed:
 
@@ -25,6 +26,7 @@ import logging
 
 import numpy as np
 
+from sft.fast_bpe import FastBPE
 from sft.sources import Record
 from sft.templating import _close_turns_at_eot, _first_token_from, encode_conversation, has_generation_markers
 
@@ -39,6 +41,8 @@ class BatchEncoder:
         self.fast = getattr(tokenizer, "backend_tokenizer", None) is not None and bool(self.template)
         self.checked = False
         self._compiled = None
+        # tiktoken for byte-level BPE vocabularies it reproduces exactly (sft/fast_bpe.py), else tokenizers.
+        self.bpe = FastBPE.from_tokenizer(tokenizer) if self.fast else None
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -126,9 +130,20 @@ class BatchEncoder:
         return out
 
     def _tokenize(self, texts: list[str]) -> list:
-        """Rust encodings of `texts`, as `tokenizer(texts, add_special_tokens=False)` makes them. Called on the
-        backend directly when nothing in between could differ (no truncation or padding set, special-token
-        splitting as the tokenizer says): that skips building Python lists of every id and mask."""
+        """Encodings of `texts` (ids and character offsets), as `tokenizer(texts, add_special_tokens=False)` makes
+        them: through tiktoken where it gives the same tokens (sft/fast_bpe.py), the rest in one batched call."""
+        if self.bpe is None:
+            return self._tokenize_hf(texts)
+        out = [self.bpe.encode(t) if self.bpe.handles(t) else None for t in texts]
+        rest = [i for i, e in enumerate(out) if e is None]
+        for i, e in zip(rest, self._tokenize_hf([texts[i] for i in rest]) if rest else []):
+            out[i] = e
+        return out
+
+    def _tokenize_hf(self, texts: list[str]) -> list:
+        """Rust encodings of `texts`. Called on the backend directly when nothing in between could differ (no
+        truncation or padding set, special-token splitting as the tokenizer says): that skips building Python
+        lists of every id and mask."""
         backend = self.tokenizer.backend_tokenizer
         split = bool(getattr(self.tokenizer, "split_special_tokens", False))
         if backend.truncation is None and backend.padding is None and hasattr(backend, "encode_special_tokens"):

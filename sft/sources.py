@@ -176,7 +176,10 @@ def _present(d: dict) -> set:
 
 
 def _check_message_fields(m: dict, i: int, where: str) -> None:
-    extra = _present(m) - (MESSAGE_FIELDS[0] if "role" in m or "content" in m else MESSAGE_FIELDS[1])
+    allowed = MESSAGE_FIELDS[0] if "role" in m or "content" in m else MESSAGE_FIELDS[1]
+    if m.keys() <= allowed:  # the common case, without looking at the (long) values
+        return
+    extra = _present({k: m[k] for k in m.keys() - allowed})
     tools = sorted(extra & TOOL_FIELDS)
     if tools:
         raise _tool_refusal(where, f"messages[{i}] has {tools[0]!r}")

@@ -60,6 +60,8 @@ def test_batched_encoder_equals_reference_token_for_token(tmp_path_factory, conv
     for i in range(0, len(records), 64):
         fast += encoder.encode(records[i : i + 64])
     assert encoder.fast  # the fast path itself was compared, not the reference path against itself
+    # tiktoken takes the byte-level BPEs (Qwen2, Llama-3); sentencepiece-style Mistral stays on tokenizers.
+    assert (encoder.bpe is not None) == (family in ("qwen2", "llama3"))
     for rec, (ids, target) in zip(records, fast):
         want_ids, want_target = encode_conversation(rec, tok, eot, None)
         assert np.array_equal(ids, want_ids), rec.where
@@ -116,3 +118,62 @@ def test_a_fast_path_that_disagrees_is_switched_off(tmp_path_factory, monkeypatc
     assert not encoder.fast
     want = encode_conversation(rec, tok, eot, None)
     assert np.array_equal(ids, want[0]) and np.array_equal(target, want[1])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_tiktoken_offsets_equal_tokenizers_at_every_character(tmp_path_factory, family):
+    """Ids, and the offsets the masks read (char_to_token at every character, token_to_chars at every token),
+    on text with multi-byte characters split over byte tokens, emoji sequences and added tokens inside text."""
+    from transformers import AutoTokenizer
+
+    from sft.fast_bpe import PROBE, FastBPE
+
+    tok = AutoTokenizer.from_pretrained(str(BUILDERS[family](tmp_path_factory.mktemp(family))))
+    bpe = FastBPE.from_tokenizer(tok)
+    assert bpe is not None
+    specials = "".join(f" a{t}b" for t in tok.all_special_tokens)
+    for text in (PROBE + specials, "".join(m["content"] for c in make_conversations(20, seed=3) for m in c)):
+        got, want = bpe.encode(text), tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        assert list(got.ids) == want.ids
+        assert [got.char_to_token(p) for p in range(len(text))] == [want.char_to_token(p) for p in range(len(text))]
+        assert [got.token_to_chars(t) for t in range(len(want.ids))] == [tuple(want.token_to_chars(t)) for t in range(len(want.ids))]
+
+
+def test_text_that_nfc_would_change_goes_to_tokenizers(tmp_path_factory):
+    """Qwen2 normalises to NFC: a decomposed accent is tokenised by tokenizers (offsets into the text as written),
+    in the same batch as texts tiktoken takes; the result equals the reference path."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(BUILDERS["qwen2"](tmp_path_factory.mktemp("q"), template="chatml")))
+    eot = resolve_eot_id(tok, None)
+    encoder = BatchEncoder(tok, eot, None)
+    assert encoder.bpe is not None and encoder.bpe.nfc
+    decomposed = "cafe\u0301 nai\u0308ve"  # NFC composes these into é and ï
+    records = [Record(messages=({"role": "user", "content": q}, {"role": "assistant", "content": a}), where=f"f:{i}")
+               for i, (q, a) in enumerate([("plain", "answer"), (decomposed, "ok " + decomposed), ("x", "y")])]
+    assert not encoder.bpe.handles(decomposed)
+    for rec, (ids, target) in zip(records, encoder.encode(records)):
+        want = encode_conversation(rec, tok, eot, None)
+        assert np.array_equal(ids, want[0]) and np.array_equal(target, want[1]), rec.where
+
+
+def test_tokenizers_that_tiktoken_cannot_reproduce_are_left_alone(tmp_path_factory):
+    """A normaliser other than NFC, an added token that strips spaces: tokenizers keeps them."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sft.fast_bpe import _unsupported
+
+    path = BUILDERS["qwen2"](tmp_path_factory.mktemp("q3"))
+    spec = json.loads((path / "tokenizer.json").read_text())
+    assert _unsupported(spec) == ""
+    assert "normalizer" in _unsupported(dict(spec, normalizer={"type": "Lowercase"}))
+    stripped = [dict(t, lstrip=True) if i == 0 else t for i, t in enumerate(spec["added_tokens"])]
+    assert "strip" in _unsupported(dict(spec, added_tokens=stripped))
+    assert "BPE" in _unsupported(dict(spec, model={"type": "Unigram"}))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.split_special_tokens = True
+    from sft.fast_bpe import FastBPE
+
+    assert FastBPE.from_tokenizer(tok) is None
