@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import torch
@@ -66,8 +67,14 @@ def barrier() -> None:
 
 def shutdown() -> None:
     """Leave the process group together at the end of a run: a rank that exits while a peer's transport still
-    talks to it can make that peer abort (gloo: SIGABRT on a reset connection)."""
+    talks to it can make that peer abort (gloo: SIGABRT on a reset connection).
+
+    Callers drop their engine first: destroy_process_group only forgets the group, and one still referenced
+    (an FSDP2 device mesh holds it) is torn down during interpreter finalisation, where gloo's worker threads
+    end in std::terminate (seen once in CI, both ranks, "terminate called without an active exception").
+    The collection frees engines that only reference cycles still hold."""
     if is_dist():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -144,6 +144,7 @@ def main():
         out["layer_calls"] = count_layer_calls(engine, collate(STEPS[0][0], DOCS, pad_id=0))
     out["world"] = world
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(out))
+    del engine  # its device mesh holds the process group: free it before the group is destroyed
     D.shutdown()
 
 

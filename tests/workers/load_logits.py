@@ -18,4 +18,5 @@ with torch.no_grad():
     logits = engine.module(ids, pos)
 if D.rank() == 0:
     torch.save(logits, out)
+del engine  # its device mesh holds the process group: free it before the group is destroyed
 D.shutdown()
