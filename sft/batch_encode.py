@@ -134,11 +134,21 @@ class BatchEncoder:
         them: through tiktoken where it gives the same tokens (sft/fast_bpe.py), the rest in one batched call."""
         if self.bpe is None:
             return self._tokenize_hf(texts)
-        out = [self.bpe.encode(t) if self.bpe.handles(t) else None for t in texts]
+        out = [self._bpe_encode(t) for t in texts]
         rest = [i for i, e in enumerate(out) if e is None]
         for i, e in zip(rest, self._tokenize_hf([texts[i] for i in rest]) if rest else []):
             out[i] = e
         return out
+
+    def _bpe_encode(self, text: str):
+        """tiktoken's encoding, or None for the texts it leaves to tokenizers (NFC would change them; lone
+        surrogates, which have no UTF-8: tokenizers then fails as the reference path does)."""
+        if not self.bpe.handles(text):
+            return None
+        try:
+            return self.bpe.encode(text)
+        except UnicodeEncodeError:
+            return None
 
     def _tokenize_hf(self, texts: list[str]) -> list:
         """Rust encodings of `texts`. Called on the backend directly when nothing in between could differ (no

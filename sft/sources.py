@@ -158,10 +158,21 @@ def _check_messages(msgs: Any, where: str) -> tuple[dict, ...]:
             raise SFTError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
             raise SFTError(f"{where}: messages[{i}] is an empty assistant turn")
+        if not content.isascii():
+            _check_unicode(content, f"{where}: messages[{i}].content")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise SFTError(f"{where}: conversation has no assistant turn, so nothing would be trained")
     return tuple(out)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """JSON can spell half of a surrogate pair ("\\ud83d" alone), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SFTError(f"{where}: character {exc.start} is a lone UTF-16 surrogate ({text[exc.start]!r}), not text; "
+                       "the file was written from broken UTF-16 (e.g. an emoji cut in half): fix or drop the record") from None
 
 
 def _tool_refusal(where: str, field: str) -> SFTError:

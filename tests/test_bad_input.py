@@ -9,6 +9,8 @@ import pytest
 from conftest import FAST_RUN, run_cli, snapshot
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+# An emoji cut in half: JSON escapes the lone surrogate as \ud83d, json.loads gives it back, UTF-8 has no form for it.
+HALF_EMOJI = json.dumps({"messages": [{"role": "user", "content": "cut \ud83d here"}, {"role": "assistant", "content": "y"}]})
 
 
 def _jsonl(path, lines):
@@ -49,6 +51,8 @@ CASES = {
                               r"n\.jsonl:1: messages\[0\] has unknown field\(s\) \['name'\]"),
     "openai_tool_calls": (lambda d: [f"data.path={_jsonl(d / 't.jsonl', [json.dumps({'messages': [{'role': 'user', 'content': 'weather?'}, {'role': 'assistant', 'content': '', 'tool_calls': [{'type': 'function', 'function': {'name': 'get', 'arguments': '{}'}}]}, {'role': 'tool', 'content': 'sunny', 'tool_call_id': 'c1'}, {'role': 'assistant', 'content': 'Sunny.'}]})])}"],
                           r"t\.jsonl:1: messages\[1\] has 'tool_calls': structured \(OpenAI-style\) tool calls are not supported"),
+    "lone_surrogate": (lambda d: [f"data.path={_jsonl(d / 's.jsonl', [json.dumps(GOOD), HALF_EMOJI])}"],
+                       r"s\.jsonl:2: messages\[0\]\.content: character 4 is a lone UTF-16 surrogate"),
     # Model files (checked by sft/model.py), in the same battery: one line, exit 2, nothing touched.
     "model_path_missing": (lambda d: ["data=demo", f"model.path={d / 'no-model'}"], r"model\.path=.*no-model: no such directory"),
     "model_config_corrupt": (lambda d: ["data=demo", f"model.path={_bad_model(d)}"], r"config\.json: not valid JSON"),
