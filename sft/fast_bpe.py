@@ -14,6 +14,10 @@ used where that is evident from the tokenizer.json and confirmed on a probe text
   be single-word-only, or be a prefix of another (tiktoken matches them in no defined order);
 - the probe text (scripts, digits, code, whitespace runs, contractions, emoji, added tokens inside
   text) encodes identically both ways.
+tiktoken takes a pre-tokenized piece that is itself a vocabulary entry whole (as tokenizers does with
+`ignore_merges`, Llama-3); without that flag (Qwen2) tokenizers reaches the same token through its merges
+whenever the merges were derived from the ranks, as in these converted vocabularies; the equality tests
+(tests/test_fast_encode.py) hold both families to it on real text.
 Anything else returns None and the caller keeps the Hugging Face tokenizer. The offsets the masks
 need (which token holds character i) come from each token's byte length.
 """
